@@ -1,0 +1,38 @@
+# Everything needed on a fresh machine: `make demo`, `make test`.
+# torch from PyPI is the CUDA build (it runs on CPU too) and torchvision has no CPU-only wheel, so both come
+# from the registry together. --isolated ignores local pip config that could pull a CPU-only torch wheel, which
+# the PyPI torchvision cannot load against.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PINS := torch==2.13.0 torchvision==0.28.0
+
+.PHONY: demo test venv data lint bench clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --isolated $(TORCH_PINS)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+# Real Fashion-MNIST from Debian (offline); optional: built-ins fall back to other sources.
+data:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null || echo "note: dataset-fashion-mnist not installed"; fi
+
+demo: venv data
+	$(BIN)/visionkit demo
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+lint: venv
+	$(BIN)/ruff check visionkit tests benchmarks
+
+bench: venv data
+	$(BIN)/python benchmarks/fashion_mnist.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,58 @@
+import pytest
+
+from visionkit.config import Config, ConfigError, list_recipes, parse_set, resolve_config
+
+
+def test_defaults_then_recipe_then_overrides():
+    cfg = resolve_config(recipe="sgd-cifar", overrides={"optim.lr": 0.05, "train.epochs": 3})
+    assert cfg.optim.name == "sgd" and cfg.optim.lr == 0.05 and cfg.train.epochs == 3
+    assert cfg.model.name == "resnet18_small" and cfg.recipe == "sgd-cifar"
+    assert resolve_config().optim.lr == Config().optim.lr
+
+
+def test_config_file_and_set(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  name: adam\n  lr: 0.01\naug:\n  scale: [0.5, 1.0]\n")
+    cfg = resolve_config(config_file=str(f), overrides=parse_set(["train.ema=true", "sched.milestones=[2, 4]"]))
+    assert cfg.optim.name == "adam" and cfg.optim.lr == 0.01 and cfg.aug.scale == (0.5, 1.0)
+    assert cfg.train.ema is True and cfg.sched.milestones == [2, 4]
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"optim.lrr": 0.1}, "unknown config key 'optim.lrr'"),
+    ({"nope.x": 1}, "unknown config key 'nope'"),
+    ({"train.epochs": "many"}, "expects int"),
+    ({"train.epochs": 2.5}, "expects int"),
+    ({"optim.name": "lion"}, "must be one of"),
+    ({"data.val_split": 1.5}, "val_split"),
+    ({"train.ema": "maybe"}, "expects bool"),
+    ({"optim": 3}, "is a section"),
+])
+def test_bad_keys_and_values_are_refused(overrides, words):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace("[", r"\[")):
+        resolve_config(overrides=overrides)
+
+
+def test_unknown_recipe_and_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="unknown recipe 'zzz'; available: .*default"):
+        resolve_config(recipe="zzz")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        resolve_config(config_file=str(bad))
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_config(config_file=str(tmp_path / "missing.yaml"))
+
+
+def test_every_recipe_resolves_and_is_described():
+    recipes = list_recipes()
+    assert {"default", "fast-cpu", "sgd-cifar", "finetune"} <= set(recipes)
+    for name, desc in recipes.items():
+        assert desc, f"recipe {name} needs a first comment line"
+        resolve_config(recipe=name)
+
+
+def test_roundtrip_through_dict():
+    cfg = resolve_config(recipe="default")
+    again = resolve_config(base=cfg.to_dict())
+    assert again == cfg

@@ -1,0 +1,230 @@
+"""`visionkit` command line: a thin layer over visionkit.api. User mistakes print one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a classifier", description="Train an image classifier.")
+    p.add_argument("--data", help="folder, CSV file or built-in name (see `visionkit datasets`)")
+    p.add_argument("--model", help="model name (see `visionkit models`)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--recipe", help="named recipe (see `visionkit recipes`)")
+    g.add_argument("--config", help="YAML config file")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--out", help="run directory (default runs/<model>-<data>-<n>; never overwritten)")
+    p.add_argument("--resume", help="run directory or checkpoint to continue")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--deterministic", action="store_true", default=None)
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--pretrained", action="store_true", default=None)
+    p.add_argument("--save-every", type=int, help="also checkpoint every N optimizer steps (mid-epoch resume)")
+    p.add_argument("--bad-images", choices=["fail", "skip"])
+    p.add_argument("--val-split", type=float)
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--quiet", action="store_true", default=None)
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="any config key, e.g. --set optim.name=sgd sched.warmup_epochs=1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="visionkit", description="Train, evaluate and use image classifiers.")
+    ap.add_argument("--version", action="store_true", help="print the version")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+    _train_parser(sub)
+
+    p = sub.add_parser("eval", help="score a checkpoint on a data split")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--format", default="table", choices=["table", "json"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int)
+
+    p = sub.add_parser("predict", help="classify image files")
+    p.add_argument("checkpoint")
+    p.add_argument("paths", nargs="+", help="image files or folders")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--format", default="table", choices=["table", "json", "csv"])
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("models", help="list models and where each name resolves")
+    p.add_argument("pattern", nargs="?", help="filter, e.g. 'resnet*' or 'efficientnet'")
+    sub.add_parser("recipes", help="list recipes")
+    sub.add_parser("datasets", help="list built-in data sets")
+    p = sub.add_parser("demo", help="train on a built-in data set that works offline and show where results are")
+    p.add_argument("--out", default=None)
+    return ap
+
+
+def cmd_train(a) -> int:
+    from .api import train
+    from .config import parse_set
+    flat = parse_set(a.set)
+    for flag, key in [("pretrained", "model.pretrained"), ("img_size", "data.img_size")]:
+        if getattr(a, flag) is not None:
+            flat[key] = getattr(a, flag)
+    if a.data is None and a.resume is None and a.config is None and "data.source" not in flat:
+        raise SystemExit("error: --data is required (a folder, a CSV file or a built-in name; see `visionkit datasets`)")
+    run = train(a.data, a.model, recipe=a.recipe, config=a.config, out=a.out, resume=a.resume, overrides=flat,
+                epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device, quiet=a.quiet,
+                deterministic=a.deterministic, save_every=a.save_every, val_split=a.val_split,
+                bad_images=a.bad_images)
+    s = run.summary
+    best = s.get("best", {})
+    line = f"done: {run.dir}  best epoch {best.get('epoch')}"
+    if "val_acc1" in best:
+        line += f"  val_acc1 {best['val_acc1']:.4f}"
+    if "test" in s:
+        line += f"  test_acc1 {s['test']['acc1']:.4f}"
+    print(line)
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .api import evaluate_checkpoint
+    res = evaluate_checkpoint(a.checkpoint, a.data, split=a.split, device=a.device, batch_size=a.batch_size)
+    if a.format == "json":
+        print(json.dumps(res))
+        return 0
+    print(f"{a.split}: n={res['n']}  acc1={res['acc1']:.4f}  acc5={res['acc5']:.4f}  loss={res['loss']:.4f}  "
+          f"macro_f1={res['macro_f1']:.4f}")
+    w = max(len(c) for c in res["classes"])
+    print(f"{'class':<{w}}  precision  recall     f1  support")
+    for c, r in zip(res["classes"], res["per_class"]):
+        print(f"{c:<{w}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:5.4f}  {r['support']:7d}")
+    return 0
+
+
+def _expand(paths: list[str]) -> list[str]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    out = []
+    for p in paths:
+        q = Path(p)
+        if q.is_dir():
+            out += sorted(str(f) for f in q.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS)
+        else:
+            out.append(p)
+    return out
+
+
+def cmd_predict(a) -> int:
+    from .api import load
+    from .data import DataError
+    paths = _expand(a.paths)
+    if not paths:
+        raise DataError(f"no images found in {' '.join(a.paths)}")
+    res = load(a.checkpoint, a.device).predict(paths, topk=a.topk)
+    if a.format == "json":
+        print(json.dumps(res))
+    elif a.format == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["path"] + [x for i in range(1, len(res[0]["topk"]) + 1) for x in (f"label{i}", f"prob{i}")])
+        for r in res:
+            w.writerow([r["path"]] + [x for t in r["topk"] for x in (t["label"], f"{t['prob']:.6f}")])
+        print(buf.getvalue(), end="")
+    else:
+        for r in res:
+            print(r["path"] + "  " + "  ".join(f"{t['label']} {t['prob']:.3f}" for t in r["topk"]))
+    return 0
+
+
+def cmd_models(a) -> int:
+    from .models import list_models
+    rows = list_models(a.pattern)
+    if not rows:
+        print(f"no model matches {a.pattern!r}")
+        return 1
+    w = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{w}}  -> {r['resolves_to']:<40}  {r.get('description', '')}".rstrip())
+    return 0
+
+
+def cmd_recipes(a) -> int:
+    from .config import list_recipes
+    for name, desc in list_recipes().items():
+        print(f"{name:<14} {desc}")
+    return 0
+
+
+def cmd_datasets(a) -> int:
+    from .data import list_datasets
+    for d in list_datasets():
+        where = "local" if d.get("local") else "download"
+        print(f"{d['name']:<14} {d.get('classes', ''):>4} classes  {where:<8}  {d.get('note', '')}")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    """Fashion-MNIST with the fast-cpu recipe when its files are here, otherwise scikit-learn's digits."""
+    from .api import train
+    from .data import list_datasets
+    fm = next((d for d in list_datasets() if d["name"] == "fashion-mnist"), {})
+    if fm.get("local"):
+        print("demo: Fashion-MNIST (local copy found), recipe fast-cpu", file=sys.stderr)
+        run = train("fashion-mnist", recipe="fast-cpu", out=a.out)
+    else:
+        print("demo: scikit-learn digits (no local Fashion-MNIST), recipe fast-cpu", file=sys.stderr)
+        run = train("digits", recipe="fast-cpu", out=a.out, overrides={"data.img_size": 32, "train.epochs": 15})
+    s = run.summary
+    print(f"\nresults in {run.dir}/")
+    for f in ("summary.json", "metrics.csv", "config.yaml", "best.pt", "last.pt", "tb/"):
+        print(f"  {f}")
+    if "test" in s:
+        print(f"test accuracy {s['test']['acc1']:.4f} on {s['test']['n']} images")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models,
+            "recipes": cmd_recipes, "datasets": cmd_datasets, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    if a.version:
+        from . import __version__
+        print(__version__)
+        return 0
+    if not a.cmd:
+        ap.print_help()
+        return 2
+    from .config import ConfigError  # every user-facing error class is a ValueError subclass with a one-line message
+    try:
+        return COMMANDS[a.cmd](a)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last checkpoint is saved; continue with --resume RUN_DIR", file=sys.stderr)
+        return 130
+    except (ConfigError, *_user_errors()) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type, ...]:
+    errs: list[type] = []
+    from .engine.checkpoint import CheckpointError
+    errs.append(CheckpointError)
+    try:
+        from .data import DataError
+        errs.append(DataError)
+    except ImportError:
+        pass
+    try:
+        from .models import ModelError
+        errs.append(ModelError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""Typed configuration: defaults -> recipe YAML -> config file -> CLI flags -> ``--set key=value``.
+
+One dataclass per concern (data, aug, model, optim, sched, train) instead of one flat bag of keys shared by every
+mode: a key lives where it is used, and an unknown key is an error, not a silent no-op.
+
+Example::
+
+    cfg = resolve_config(recipe="fast-cpu", overrides={"train.epochs": 3, "data.source": "digits"})
+    cfg.optim.lr
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration: the message says what and how to fix it."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # folder, CSV file or built-in name (fashion-mnist, mnist, cifar10, cifar100, digits, fake)
+    val_split: float = 0.2  # held-out fraction of train when the data has no val split (0 allowed)
+    img_size: int | None = None  # None: native size for built-ins, the model's input size for image files
+    bad_images: str = "fail"  # fail | skip
+    batch_size: int = 128
+    eval_batch_size: int | None = None  # None: 2 x batch_size
+    workers: int | None = None  # DataLoader workers for image files; None: min(4, cpus)
+    backend: str = "auto"  # auto | tensor | files. tensor: whole set as one uint8 tensor, batched augmentation
+    balance: str = "none"  # none | loss (class-weighted loss) | sampler (weighted sampler)
+    root: str | None = None  # where built-ins look for local copies (default: $VISIONKIT_DATA, then ~/.cache)
+    download: bool = True  # built-ins: download when no local copy is found
+
+
+@dataclass
+class AugConfig:
+    preset: str = "basic"  # none | basic | standard | randaugment | autoaugment | trivialaugment
+    hflip: float = 0.5  # flip probability (basic and up)
+    crop_pad: int = 4  # basic, tensor path / small images: random translation by up to this many pixels
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale (standard and up, image files)
+    color_jitter: float = 0.4  # standard
+    ra_n: int = 2  # RandAugment ops
+    ra_m: int = 9  # RandAugment magnitude
+    erasing: float = 0.0  # RandomErasing probability
+    mixup: float = 0.0  # MixUp alpha (0: off)
+    cutmix: float = 0.0  # CutMix alpha (0: off)
+    mix_prob: float = 1.0  # probability that a batch is mixed at all
+    switch_prob: float = 0.5  # with both on: probability of CutMix rather than MixUp
+    backend: str = "torchvision"  # torchvision | albumentations (image files only)
+    interpolation: str = "bilinear"  # resize interpolation
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"  # own name, tv:NAME, timm:NAME or a bare name resolved own -> torchvision -> timm
+    pretrained: bool = False
+    weights: str | None = None  # local weights file
+    drop_rate: float = 0.0  # dropout before the classifier
+    drop_path_rate: float = 0.0  # stochastic depth (models that support it)
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model
+    kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model factory
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # sgd | adamw | adam
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9  # sgd
+    nesterov: bool = True  # sgd
+    betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
+    decay_norm_and_bias: bool = False  # False: no weight decay on norm layers and biases (the usual choice)
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"  # constant | cosine | onecycle | step | multistep | cosine_restarts | plateau
+    warmup_epochs: float = 0.0  # linear warmup (cosine, step, multistep, cosine_restarts, constant)
+    warmup_factor: float = 0.01  # warmup starts at lr * warmup_factor
+    min_lr: float = 0.0  # floor of cosine schedules, as a fraction of lr
+    step_epochs: int = 30  # step
+    milestones: list[int] = field(default_factory=lambda: [30, 60, 90])  # multistep (epochs)
+    gamma: float = 0.1  # step / multistep / plateau factor
+    restart_epochs: int = 10  # cosine_restarts: first cycle length (epochs)
+    restart_mult: int = 1  # cosine_restarts: cycle length multiplier
+    pct_start: float = 0.25  # onecycle: fraction of steps spent rising
+    patience: int = 3  # plateau: epochs without improvement before the lr drops
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
+    grad_accum: int = 1
+    clip_grad: float = 0.0  # max gradient norm (0: off)
+    label_smoothing: float = 0.0
+    ema: bool = False
+    ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay ramps up over the first steps (timm's ModelEmaV3 warmup)
+    monitor: str = "val_acc1"  # metric for best.pt and early stopping (val_loss is minimised)
+    patience: int = 0  # early stopping: epochs without improvement (0: off)
+    save_every: int = 0  # also checkpoint every N optimizer steps, for mid-epoch resume (0: epoch ends only)
+    tta: bool = False  # flip TTA for val/test evaluation
+    quiet: bool = False
+    log_every: int = 20  # progress refresh, in steps
+
+
+@dataclass
+class Config:
+    task: str = "classification"
+    recipe: str = ""  # name of the recipe this config came from (informational)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+
+CHOICES = {
+    "data.bad_images": ("fail", "skip"),
+    "data.backend": ("auto", "tensor", "files"),
+    "data.balance": ("none", "loss", "sampler"),
+    "aug.preset": ("none", "basic", "standard", "randaugment", "autoaugment", "trivialaugment"),
+    "aug.backend": ("torchvision", "albumentations"),
+    "aug.interpolation": ("nearest", "bilinear", "bicubic"),
+    "optim.name": ("sgd", "adamw", "adam"),
+    "sched.name": ("constant", "cosine", "onecycle", "step", "multistep", "cosine_restarts", "plateau"),
+    "train.amp": ("auto", "off", "bf16", "fp16"),
+    "task": ("classification",),
+}
+
+
+def _to_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def _coerce(key: str, value: Any, default: Any, typ: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
+    tname = str(typ)
+    if value is None:
+        if "None" in tname:
+            return None
+        raise ConfigError(f"config key {key!r} cannot be empty")
+    try:
+        if isinstance(default, bool) or tname == "bool":
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+                return value.lower() in ("true", "yes", "1", "on")
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if tname.startswith("tuple"):
+            seq = value if isinstance(value, (list, tuple)) else yaml.safe_load(f"[{value}]")
+            return tuple(float(v) for v in seq)
+        if tname.startswith("list"):
+            seq = value if isinstance(value, (list, tuple)) else yaml.safe_load(f"[{value}]")
+            return [int(v) for v in seq]
+        if tname.startswith("dict"):
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+        if "int" in tname and "float" not in tname:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if "float" in tname:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if "str" in tname:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key!r} expects {tname.replace(' ', '')}, got {value!r}") from None
+    return value
+
+
+def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
+    known = {f.name: f for f in fields(obj)}
+    for k, v in updates.items():
+        key = f"{prefix}{k}"
+        if k not in known:
+            hint = ", ".join(sorted(known))
+            raise ConfigError(f"unknown config key {key!r} (known under {prefix.rstrip('.') or 'top level'}: {hint})")
+        cur = getattr(obj, k)
+        if is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ConfigError(f"config key {key!r} is a section; give keys under it, e.g. {key}.<name>=value")
+            _apply(cur, v, key + ".")
+            continue
+        v = _coerce(key, v, cur, known[k].type)
+        if key in CHOICES and v not in CHOICES[key]:
+            raise ConfigError(f"config key {key!r} must be one of {', '.join(CHOICES[key])}; got {v!r}")
+        setattr(obj, k, v)
+
+
+def nest(flat: dict[str, Any]) -> dict:
+    """{'optim.lr': 0.1} -> {'optim': {'lr': 0.1}}."""
+    out: dict = {}
+    for key, v in flat.items():
+        parts = key.split(".")
+        d = out
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+            if not isinstance(d, dict):
+                raise ConfigError(f"config key {key!r} conflicts with another value")
+        d[parts[-1]] = v
+    return out
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Parse ``key=value`` strings (values read as YAML scalars: 0.1, true, [1, 2])."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = yaml.safe_load(v) if v.strip() else None
+        except yaml.YAMLError:
+            out[k.strip()] = v
+    return out
+
+
+def list_recipes() -> dict[str, str]:
+    """Recipe name -> first comment line (its one-line description)."""
+    out = {}
+    for p in sorted(RECIPE_DIR.glob("*.yaml")):
+        first = next((ln[1:].strip() for ln in p.read_text().splitlines() if ln.startswith("#")), "")
+        out[p.stem] = first
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections (data:, model:, ...)")
+    return data
+
+
+def recipe_path(name: str) -> Path:
+    p = RECIPE_DIR / f"{name}.yaml"
+    if not p.is_file():
+        raise ConfigError(f"unknown recipe {name!r}; available: {', '.join(list_recipes())}")
+    return p
+
+
+def resolve_config(recipe: str | None = None, config_file: str | None = None,
+                   overrides: dict[str, Any] | None = None, base: dict | None = None) -> Config:
+    """Build a Config: defaults, then a recipe, then a YAML file, then dotted overrides (CLI flags, --set).
+
+    ``base`` (a resolved config dict, e.g. from a checkpoint) replaces the defaults when given.
+    """
+    cfg = Config()
+    if base:
+        _apply(cfg, base)
+    if recipe:
+        _apply(cfg, load_yaml(recipe_path(recipe)))
+        cfg.recipe = recipe
+    if config_file:
+        _apply(cfg, load_yaml(config_file))
+    if overrides:
+        _apply(cfg, nest({k: v for k, v in overrides.items() if v is not None}))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    checks = [
+        (0 <= cfg.data.val_split < 1, "data.val_split must be in [0, 1)"),
+        (cfg.data.batch_size > 0, "data.batch_size must be positive"),
+        (cfg.train.epochs > 0, "train.epochs must be positive"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
+        (cfg.optim.lr > 0, "optim.lr must be positive"),
+        (0 <= cfg.train.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
+        (0 < cfg.train.ema_decay < 1, "train.ema_decay must be in (0, 1)"),
+        (cfg.train.save_every >= 0, "train.save_every must be >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)

@@ -1,0 +1,249 @@
+"""Loaders whose every batch is a pure function of (seed, epoch, batch index), for exact mid-epoch resume.
+
+Two paths behind one interface (``len(loader)``, ``loader.epoch(e, start=k)``):
+
+* ``TensorImages``: the whole set is one uint8 tensor on the device; a batch is an index gather plus batched
+  tensor augmentation (airbench style), no worker processes.
+* ``ImageFiles``: a torch DataLoader with persistent workers; each sample's augmentation is seeded from
+  (seed, epoch, position in epoch), so it does not depend on which worker decodes it.
+
+Neither path reads or advances the global RNGs (torch, ``random``, numpy).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .datasets import ImageFiles, TensorImages
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*xs: int) -> int:
+    """Deterministic 63-bit seed from integers (splitmix64 chain), independent of Python's hash randomisation.
+
+    Example::
+
+        mix_seed(0, 3, 17)  # seed for epoch 3, batch 17 of a run with seed 0
+    """
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (int(x) & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h & ((1 << 63) - 1)
+
+
+def class_weights(targets: Sequence[int] | Tensor, num_classes: int) -> Tensor:
+    """Inverse-frequency class weights normalised to mean 1 over the classes present (absent classes get 0).
+
+    Example::
+
+        class_weights([0, 0, 0, 1], 2)  # tensor([0.5000, 1.5000])
+    """
+    counts = torch.bincount(torch.as_tensor(targets, dtype=torch.long).cpu(), minlength=num_classes).float()
+    w = torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))
+    present = counts > 0
+    return w / w[present].mean() if present.any() else w
+
+
+def sample_weights(targets: Sequence[int] | Tensor, num_classes: int) -> Tensor:
+    """Per-sample weights (inverse class frequency) for ``make_loader(sampler_weights=...)``: classes drawn equally."""
+    t = torch.as_tensor(targets, dtype=torch.long).cpu()
+    return class_weights(t, num_classes)[t]
+
+
+@contextlib.contextmanager
+def isolated_rng(seed: int) -> Iterator[None]:
+    """Seed torch (CPU), ``random`` and numpy's global RNGs for the block, then restore their previous states."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % (1 << 32))
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class Loader:
+    """Batches of one dataset for the engine: ``len(loader)`` batches per epoch; ``epoch(e, start)`` yields them.
+
+    Batch ``b`` of epoch ``e`` (its samples, order and augmentation) depends only on (seed, e, b), so
+    ``list(loader.epoch(e, start=k)) == list(loader.epoch(e))[k:]``.
+    """
+
+    def __init__(self, n: int, *, batch_size: int, train: bool, seed: int, device: torch.device,
+                 channels_last: bool, drop_last: bool | None, sampler_weights: Tensor | None) -> None:
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.device, self.channels_last = torch.device(device), channels_last
+        self.num_samples = n
+        self.drop_last = (train and n > batch_size) if drop_last is None else drop_last
+        self.sampler_weights = None
+        if sampler_weights is not None and train:
+            w = torch.as_tensor(sampler_weights, dtype=torch.double).cpu()
+            if len(w) != n:
+                raise ValueError(f"sampler_weights has {len(w)} entries for {n} samples")
+            self.sampler_weights = w
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def order(self, epoch: int) -> Tensor:
+        """Sample indices of ``epoch`` in batch order (CPU LongTensor of length ``num_samples``)."""
+        if not self.train:
+            return torch.arange(self.num_samples)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0x5EED))
+        if self.sampler_weights is not None:
+            return torch.multinomial(self.sampler_weights, self.num_samples, replacement=True, generator=g)
+        return torch.randperm(self.num_samples, generator=g)
+
+    def _finish(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        raise NotImplementedError
+
+
+def adapt_channels(x: Tensor, chans: int) -> Tensor:
+    """uint8 [N,C,H,W] to ``chans`` channels: grey -> colour repeats, colour -> grey uses luma (like PIL "L")."""
+    c = x.shape[1]
+    if c == chans:
+        return x
+    if c == 1 and chans == 3:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    if c == 3 and chans == 1:
+        w = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+        return (x.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    raise ValueError(f"cannot convert {c}-channel images to {chans} channels")
+
+
+class TensorLoader(Loader):
+    """Fast path: the whole uint8 set on ``device``, batches gathered by index and augmented as a batch."""
+
+    def __init__(self, ds: TensorImages, *, input_size: tuple[int, int, int], mean, std, aug, **kw) -> None:
+        super().__init__(len(ds), **kw)
+        from visionkit.config import AugConfig
+        from visionkit.transforms import BatchAugment
+
+        self.in_chans = input_size[0]
+        self.images = ds.images.to(self.device)
+        self.targets = ds.targets.to(self.device)
+        augment = self.train and aug is not None
+        self.augment = BatchAugment(aug if aug is not None else AugConfig(), mean, std,
+                                    (input_size[1], input_size[2]), train=augment)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        order = self.order(epoch).to(self.device)
+        bs = self.batch_size
+        for b in range(start, len(self)):
+            idx = order[b * bs:(b + 1) * bs]
+            x = adapt_channels(self.images.index_select(0, idx), self.in_chans)
+            g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, epoch, b))
+            yield self._finish(self.augment(x, g), self.targets.index_select(0, idx))
+
+
+class _EpochBatches:
+    """Batch sampler yielding ``[(epoch, position, index), ...]``; epoch/start are set before each iteration."""
+
+    def __init__(self, loader: FileLoader) -> None:
+        self.loader, self.epoch, self.start = loader, 0, 0
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        order, bs = self.loader.order(self.epoch).tolist(), self.loader.batch_size
+        for b in range(self.start, len(self.loader)):
+            yield [(self.epoch, p, order[p]) for p in range(b * bs, min((b + 1) * bs, len(order)))]
+
+    def __len__(self) -> int:
+        return max(0, len(self.loader) - self.start)
+
+
+class _SeededTransform(Dataset):
+    """Decode + transform one sample; train-time randomness seeded from (seed, epoch, position in epoch)."""
+
+    def __init__(self, ds: ImageFiles, transform, seed: int, train: bool, grey: bool) -> None:
+        self.ds, self.transform, self.seed, self.train, self.grey = ds, transform, seed, train, grey
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[Tensor, int]:
+        epoch, pos, i = key
+        img, y = self.ds[i]
+        if self.grey:
+            img = img.convert("L")
+        if not self.train:
+            return self.transform(img), y
+        with isolated_rng(mix_seed(self.seed, epoch, pos)):
+            return self.transform(img), y
+
+
+class FileLoader(Loader):
+    """Image files through a DataLoader with persistent workers; mid-epoch start slices the index list."""
+
+    def __init__(self, ds: ImageFiles, *, input_size: tuple[int, int, int], mean, std, aug,
+                 workers: int | None, **kw) -> None:
+        super().__init__(len(ds), **kw)
+        from visionkit.transforms import build_eval_transform, build_train_transform
+
+        augment = self.train and aug is not None
+        if augment:
+            tf = build_train_transform(aug, input_size, mean, std)
+        else:
+            interp = getattr(aug, "interpolation", "bilinear") if aug is not None else "bilinear"
+            tf = build_eval_transform(input_size, mean, std, crop_pct=0.875, interpolation=interp)
+        workers = min(4, os.cpu_count() or 1) if workers is None else workers
+        self.batches = _EpochBatches(self)
+        self.dl = DataLoader(_SeededTransform(ds, tf, self.seed, augment, input_size[0] == 1),
+                             batch_sampler=self.batches, num_workers=workers, persistent_workers=workers > 0,
+                             pin_memory=self.device.type == "cuda",
+                             generator=torch.Generator().manual_seed(self.seed))  # keeps the global RNG untouched
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        self.batches.epoch, self.batches.start = epoch, start
+        if start >= len(self):
+            return
+        nb = self.device.type == "cuda"
+        for x, y in self.dl:
+            yield self._finish(x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb))
+
+
+def make_loader(ds: Dataset, *, batch_size: int, train: bool, seed: int, device: torch.device | str,
+                input_size: tuple[int, int, int], mean: Sequence[float], std: Sequence[float], aug=None,
+                channels_last: bool = False, workers: int | None = None, drop_last: bool | None = None,
+                sampler_weights: Tensor | Sequence[float] | None = None) -> Loader:
+    """A Loader for ``ds``: the tensor fast path for TensorImages, a worker DataLoader for ImageFiles.
+
+    ``aug`` (an AugConfig) applies only when ``train``; eval loaders never shuffle, augment or drop batches.
+
+    Example::
+
+        b = build_data("digits")
+        dl = make_loader(b.train, batch_size=64, train=True, seed=0, device="cpu", input_size=(1, 8, 8),
+                         mean=(0.5,), std=(0.5,))
+        for x, y in dl.epoch(0): ...
+    """
+    kw = {"batch_size": batch_size, "train": train, "seed": seed, "device": torch.device(device),
+          "channels_last": channels_last, "drop_last": drop_last, "sampler_weights": sampler_weights}
+    if isinstance(ds, TensorImages):
+        return TensorLoader(ds, input_size=tuple(input_size), mean=mean, std=std, aug=aug, **kw)
+    if isinstance(ds, ImageFiles):
+        return FileLoader(ds, input_size=tuple(input_size), mean=mean, std=std, aug=aug, workers=workers, **kw)
+    raise TypeError(f"make_loader expects TensorImages or ImageFiles, got {type(ds).__name__}")

@@ -1,0 +1,225 @@
+"""The training loop: fit -> train_one_epoch / evaluate. Read it top to bottom.
+
+The loop is task-agnostic: a task turns a batch into a loss (``task.training_step``) and logits into metrics
+(``task.predict`` + ``task.new_metrics``). Extra behaviour (progress bars, CSV/TensorBoard logs, early stopping)
+hangs on a short list of events (see ``events.py``) instead of growing the loop.
+
+Exact resume: every piece of changing state lives in ``self.state`` or in objects with a ``state_dict`` (model,
+optimizer, scheduler, scaler, EMA), and the data order/augmentation of each batch is a pure function of
+(seed, epoch, batch index). A checkpoint written after optimizer step N therefore lets a new process continue with
+batch N+1 of the same epoch and reproduce, bit for bit on CPU with ``--deterministic``, the run that never stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import FORMAT_VERSION, atomic_save, rng_state, set_rng_state
+from .events import Callback
+
+
+@dataclass
+class State:
+    """Everything about progress that a checkpoint must carry."""
+    epoch: int = 0  # current epoch, 0-based
+    batch: int = 0  # batches of the current epoch already consumed (at an optimizer-step boundary)
+    step: int = 0  # optimizer steps taken overall
+    best: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0  # epochs since the monitored metric last improved (early stopping)
+    history: list = field(default_factory=list)  # one metrics row per finished epoch
+    running: dict = field(default_factory=lambda: {"loss_sum": 0.0, "correct": 0, "n": 0, "time": 0.0})
+    stop: bool = False  # set by callbacks (early stopping)
+
+
+class Trainer:
+    """Holds the pieces of a run and trains them. Built by ``visionkit.api`` from a Config; usable directly too."""
+
+    def __init__(self, *, model: nn.Module, task, optimizer: torch.optim.Optimizer, scheduler=None,
+                 sched_per_step: bool = True, train_loader, val_loader=None, epochs: int, device: torch.device,
+                 amp_dtype: torch.dtype | None = None, grad_accum: int = 1, clip_grad: float = 0.0, ema=None,
+                 mix_fn: Callable | None = None, monitor: str = "val_acc1", save_every: int = 0,
+                 run_dir: str | Path | None = None, meta: dict | None = None, callbacks: list[Callback] = (),
+                 tta: bool = False, compiled: nn.Module | None = None):
+        self.model, self.task, self.opt, self.sched = model, task, optimizer, scheduler
+        self.forward_model = compiled or model  # torch.compile wrapper when asked; state is saved from `model`
+        self.sched_per_step = sched_per_step
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.epochs, self.device, self.amp_dtype = epochs, device, amp_dtype
+        self.grad_accum, self.clip_grad, self.ema, self.mix_fn = grad_accum, clip_grad, ema, mix_fn
+        self.monitor, self.save_every, self.tta = monitor, save_every, tta
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.meta = meta or {}  # config, classes, model cfg: stored in every checkpoint
+        self.callbacks = list(callbacks)
+        # GradScaler only for fp16 on CUDA; bf16 has fp32's range and needs no loss scaling
+        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
+        self.state = State()
+        self.steps_per_epoch = math.ceil(len(train_loader) / grad_accum)
+
+    # ---------------------------------------------------------------- events
+    def fire(self, event: str, **kw: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(self, **kw)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights we evaluate and keep: the EMA copy when EMA is on."""
+        return self.ema.module if self.ema is not None else self.forward_model
+
+    # ---------------------------------------------------------------- training
+    def fit(self) -> dict:
+        self.fire("on_fit_start")
+        try:
+            while self.state.epoch < self.epochs and not self.state.stop:
+                self.fire("on_epoch_start")
+                self.train_one_epoch()
+                row = self.end_epoch()
+                self.fire("on_epoch_end", row=row)
+        except KeyboardInterrupt:
+            # Ctrl-C: keep what finished (the last optimizer-step boundary) and let the caller exit cleanly
+            self.save("last.pt")
+            self.fire("on_interrupt")
+            raise
+        self.fire("on_fit_end")
+        return self.state.history[-1] if self.state.history else {}
+
+    def train_one_epoch(self) -> None:
+        st, model, loader = self.state, self.forward_model, self.train_loader
+        model.train()
+        t0 = time.perf_counter() - st.running["time"]
+        n_batches = len(loader)
+        for i, (x, y) in enumerate(loader.epoch(st.epoch, start=st.batch), start=st.batch):
+            if self.mix_fn is not None:
+                x, y = self.mix_fn(x, y)
+            # the last window of an epoch may be shorter than grad_accum: scale by its real length
+            window = min(self.grad_accum, n_batches - (i // self.grad_accum) * self.grad_accum)
+            with self.autocast():
+                out = self.task.training_step(model, x, y)
+            loss = out["loss"] / window
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            # running sums stay on device: .item() would force a sync every step
+            r = st.running
+            r["loss_sum"] = r["loss_sum"] + out["loss"].detach() * out["n"]
+            r["correct"] = r["correct"] + out["correct"]
+            r["n"] += out["n"]
+            if (i + 1) % self.grad_accum == 0 or i + 1 == n_batches:
+                self.optimizer_step()
+                st.batch = i + 1
+                r["time"] = time.perf_counter() - t0
+                self.fire("on_step_end", batch=i + 1, n_batches=n_batches)
+                if self.save_every and st.step % self.save_every == 0 and i + 1 < n_batches:
+                    self.save("last.pt")
+        st.running["time"] = time.perf_counter() - t0
+
+    def optimizer_step(self) -> None:
+        if self.scaler:
+            self.scaler.unscale_(self.opt)  # clip true gradients, not scaled ones
+        if self.clip_grad > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.state.step += 1
+        if self.sched is not None and self.sched_per_step:
+            self.sched.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.state.step)
+
+    def end_epoch(self) -> dict:
+        st = self.state
+        r = st.running
+        n = max(int(r["n"]), 1)
+        row = {"epoch": st.epoch + 1, "lr": self.opt.param_groups[0]["lr"],
+               "train_loss": float(r["loss_sum"]) / n, "train_acc": float(r["correct"]) / n}
+        if self.val_loader is not None:
+            val = self.evaluate(self.val_loader)
+            row.update(val_loss=val["loss"], val_acc1=val["acc1"], val_acc5=val["acc5"])
+        row["time"] = r["time"]
+        self.fire("on_eval_end", row=row)
+        if self.sched is not None and not self.sched_per_step:  # reduce-on-plateau: once per epoch, on a metric
+            self.sched.step(row.get("val_acc1", row["train_acc"]))
+        # best.pt follows the monitored metric; without validation the latest epoch is the best we know
+        value = row.get(self.monitor)
+        improved = value is None or st.best is None or (
+            value < st.best if self.monitor.endswith("loss") else value > st.best)
+        if improved:
+            st.best, st.best_epoch, st.bad_epochs = value, st.epoch + 1, 0
+        else:
+            st.bad_epochs += 1
+        st.history.append(row)
+        st.epoch += 1
+        st.batch = 0
+        st.running = {"loss_sum": 0.0, "correct": 0, "n": 0, "time": 0.0}
+        self.save("last.pt")
+        if improved:
+            self.save("best.pt")
+        return row
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, loader, model: nn.Module | None = None, full: bool = False) -> dict:
+        return evaluate(model or self.eval_model, self.task, loader, self.autocast, tta=self.tta, full=full)
+
+    # ---------------------------------------------------------------- checkpoints
+    def checkpoint(self) -> dict:
+        st = asdict(self.state)
+        st["running"] = {k: float(v) if torch.is_tensor(v) else v for k, v in st["running"].items()}
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict() if self.sched is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "state": st,
+            "rng": rng_state(),
+            **self.meta,
+        }
+
+    def save(self, name: str) -> None:
+        if self.run_dir is not None:
+            atomic_save(self.checkpoint(), self.run_dir / name)
+            self.fire("on_save", name=name)
+
+    def load_state(self, ckpt: dict) -> None:
+        """Restore everything a checkpoint holds, so that ``fit`` continues where it stopped."""
+        self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.module.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        if self.sched is not None and ckpt.get("scheduler") is not None:
+            self.sched.load_state_dict(ckpt["scheduler"])
+        if self.scaler and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = State(**ckpt["state"])
+        set_rng_state(ckpt["rng"])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task, loader, autocast: Callable = contextlib.nullcontext, tta: bool = False,
+             full: bool = False) -> dict:
+    """One pass over ``loader`` with ``model`` in eval mode; returns the task's metrics."""
+    was_training = model.training
+    model.eval()
+    metrics = task.new_metrics()
+    for x, y in loader.epoch(0):
+        with autocast():
+            logits = task.predict(model, x, tta=tta)
+        metrics.update(logits, y)
+    model.train(was_training)
+    return metrics.compute(full=full)

@@ -1,0 +1,55 @@
+"""Optimizer and learning-rate schedule factories (pure functions of the config).
+
+The optimizer comes from timm's ``create_optimizer_v2``, which already keeps norm layers and biases out of weight
+decay (``filter_bias_and_bn``). Schedules are torch's own classes, all stepped once per optimizer step (epoch-based
+ones are converted to steps) except reduce-on-plateau, which by nature steps once per epoch on a metric.
+"""
+from __future__ import annotations
+
+import torch
+from timm.optim import create_optimizer_v2
+from torch.optim import lr_scheduler as S
+
+from ..config import OptimConfig, SchedConfig
+
+def build_optimizer(model_or_groups, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Optimizer over ``model_or_groups`` (a module, or param-group dicts with their own ``lr``).
+
+    Example::
+
+        opt = build_optimizer(torch.nn.Linear(2, 2), OptimConfig(name="sgd", lr=0.1))
+    """
+    if cfg.name == "sgd":
+        # timm: "sgd" is Nesterov momentum SGD, "momentum" is classic momentum SGD
+        opt, kw = ("sgd" if cfg.nesterov else "momentum"), {"momentum": cfg.momentum}
+    else:
+        opt, kw = cfg.name, {"betas": tuple(cfg.betas)}
+    return create_optimizer_v2(model_or_groups, opt=opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               filter_bias_and_bn=not cfg.decay_norm_and_bias, **kw)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, steps_per_epoch: int, lr: float):
+    """LR schedule for ``epochs`` x ``steps_per_epoch`` optimizer steps. Returns (scheduler, per_step: bool)."""
+    total = max(1, epochs * steps_per_epoch)
+    warm = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
+    spe = max(1, steps_per_epoch)
+    if cfg.name == "plateau":
+        return S.ReduceLROnPlateau(opt, mode="max", factor=cfg.gamma, patience=cfg.patience), False
+    if cfg.name == "onecycle":  # its own warmup (pct_start) and annealing; also cycles momentum
+        max_lrs = [g["lr"] for g in opt.param_groups]
+        return S.OneCycleLR(opt, max_lr=max_lrs, total_steps=total, pct_start=cfg.pct_start), True
+    if cfg.name == "cosine":
+        main = S.CosineAnnealingLR(opt, T_max=max(1, total - warm), eta_min=cfg.min_lr * lr)
+    elif cfg.name in ("step", "multistep"):
+        # milestones in epochs from the start of training, shifted because the main schedule starts after warmup
+        epochs_at = range(cfg.step_epochs, epochs + 1, cfg.step_epochs) if cfg.name == "step" else cfg.milestones
+        main = S.MultiStepLR(opt, milestones=[max(1, m * spe - warm) for m in epochs_at], gamma=cfg.gamma)
+    elif cfg.name == "cosine_restarts":
+        main = S.CosineAnnealingWarmRestarts(opt, T_0=cfg.restart_epochs * spe, T_mult=cfg.restart_mult,
+                                             eta_min=cfg.min_lr * lr)
+    else:  # constant
+        main = S.ConstantLR(opt, factor=1.0, total_iters=0)
+    if warm <= 0:
+        return main, True
+    warmup = S.LinearLR(opt, start_factor=cfg.warmup_factor, end_factor=1.0, total_iters=warm)
+    return S.SequentialLR(opt, [warmup, main], milestones=[warm]), True
