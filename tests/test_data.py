@@ -11,10 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-import visionkit.transforms as vt
 from visionkit.config import AugConfig
 from visionkit.data import (
     DataError,
@@ -58,45 +56,6 @@ def _assert_rng_same(before: tuple) -> None:
     assert torch.equal(before[0], after[0])
     assert before[1] == after[1]
     assert np.array_equal(before[2], after[2])
-
-
-# Stand-ins, used only while the transforms package has not landed its real functions.
-class _StubBatchAugment:
-    def __init__(self, aug_cfg, mean, std, out_size, train):
-        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
-        self.out_size, self.train = tuple(out_size), train
-
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        x = x.float() / 255
-        if tuple(x.shape[-2:]) != self.out_size:
-            x = F.interpolate(x, size=self.out_size, mode="bilinear", antialias=True, align_corners=False)
-        if self.train:
-            flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-            x = x + 0.1 * torch.rand(x.shape[0], 1, 1, 1, generator=generator, device=x.device)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
-
-
-def _stub_train_tf(aug_cfg, input_size, mean, std):
-    from torchvision.transforms import v2
-
-    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(input_size[1:], scale=(0.3, 1.0)), v2.RandomHorizontalFlip(),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-
-
-def _stub_eval_tf(input_size, mean, std, crop_pct=0.875, interpolation="bilinear"):
-    from torchvision.transforms import v2
-
-    return v2.Compose([v2.ToImage(), v2.Resize(input_size[1:]), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(mean, std)])
-
-
-@pytest.fixture
-def transforms_ready(monkeypatch):
-    for name, stub in (("BatchAugment", _StubBatchAugment), ("build_train_transform", _stub_train_tf),
-                       ("build_eval_transform", _stub_eval_tf)):
-        if not hasattr(vt, name):
-            monkeypatch.setattr(vt, name, stub, raising=False)
 
 
 # ---------------------------------------------------------------- sources
@@ -371,7 +330,7 @@ def _same(a, b) -> bool:
     return len(a) == len(b) and all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
 
 
-def test_tensor_loader_deterministic_and_resumable(transforms_ready):
+def test_tensor_loader_deterministic_and_resumable():
     ds = _tensor_ds()
     kw = _kw(batch_size=8, seed=7, input_size=(3, 8, 8), mean=(0.5,) * 3, std=(0.5,) * 3, aug=AugConfig())
     before = _rng_states()
@@ -388,7 +347,7 @@ def test_tensor_loader_deterministic_and_resumable(transforms_ready):
     assert xl.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_tensor_eval_loader_keeps_order(transforms_ready):
+def test_tensor_eval_loader_keeps_order():
     ds = _tensor_ds(21)
     dl = make_loader(ds, batch_size=8, train=False, seed=0, device="cpu", input_size=(1, 8, 8), mean=(0.0,),
                      std=(1.0,))
@@ -397,7 +356,7 @@ def test_tensor_eval_loader_keeps_order(transforms_ready):
     assert torch.allclose(b[0][0], ds.images[:8].float() / 255)
 
 
-def test_sampler_weights_and_class_weights(transforms_ready):
+def test_sampler_weights_and_class_weights():
     ds = _tensor_ds()
     ds.targets = torch.tensor([0] * 45 + [1] * 5)
     w = sample_weights(ds.targets, 2)
@@ -416,7 +375,7 @@ def small_files(tmp_path) -> ImageFiles:
     return build_data(str(src), val_split=0).train
 
 
-def test_file_loader_deterministic_and_resumable(small_files, transforms_ready):
+def test_file_loader_deterministic_and_resumable(small_files):
     kw = _kw(batch_size=4, seed=3, input_size=(3, 8, 8), mean=(0.5,) * 3, std=(0.5,) * 3, aug=AugConfig(), workers=0)
     before = _rng_states()
     dl = make_loader(small_files, **kw)
@@ -430,9 +389,11 @@ def test_file_loader_deterministic_and_resumable(small_files, transforms_ready):
     assert len(ev) == 3 and torch.cat([y for _, y in ev.epoch(0)]).tolist() == small_files.targets
 
 
-def test_file_loader_independent_of_workers(small_files, transforms_ready):
+def test_file_loader_independent_of_workers(small_files):
     kw = _kw(batch_size=4, seed=3, input_size=(1, 8, 8), mean=(0.5,), std=(0.5,), aug=AugConfig())
     ref = _batches(make_loader(small_files, **kw, workers=0), 2)
     dl = make_loader(small_files, **kw, workers=2)
     assert _same(ref, _batches(dl, 2)) and _same(ref[1:], _batches(dl, 2, start=1))
+    next(iter(dl.epoch(0)))  # abandon an epoch midway: the persistent workers must start the next one cleanly
+    assert _same(ref, _batches(dl, 2))
     assert ref[0][0].shape == (4, 1, 8, 8)

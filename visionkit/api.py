@@ -346,13 +346,14 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, paths: list[str], topk: int = 5, batch_size: int = 64) -> list[dict]:
-        from .data import DataError, load_image
+        from .data import DataError, load_rgb
         images, bad = [], []
         for p in paths:
             try:
-                images.append(self.transform(load_image(p)))
-            except DataError as e:
-                bad.append(str(e))
+                images.append(self.transform(load_rgb(p)))
+            except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for missing/corrupt/non-image files
+                reason = "not found" if isinstance(e, FileNotFoundError) else (str(e).splitlines() or ["unreadable"])[0]
+                bad.append(f"{p} ({reason[:120]})")
         if bad:
             raise DataError(f"{len(bad)} of {len(paths)} inputs cannot be read: " + "; ".join(bad[:5]))
         k = min(topk, len(self.classes))

@@ -144,6 +144,7 @@ class TensorLoader(Loader):
         from visionkit.transforms import BatchAugment
 
         self.in_chans = input_size[0]
+        self.adapt = len(mean) != self.in_chans
         self.images = ds.images.to(self.device)
         self.targets = ds.targets.to(self.device)
         augment = self.train and aug is not None
@@ -155,7 +156,9 @@ class TensorLoader(Loader):
         bs = self.batch_size
         for b in range(start, len(self)):
             idx = order[b * bs:(b + 1) * bs]
-            x = adapt_channels(self.images.index_select(0, idx), self.in_chans)
+            x = self.images.index_select(0, idx)
+            if self.adapt:  # BatchAugment itself converts to len(mean) channels (cheaper: after the gather)
+                x = adapt_channels(x, self.in_chans)
             g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, epoch, b))
             yield self._finish(self.augment(x, g), self.targets.index_select(0, idx))
 
@@ -178,17 +181,15 @@ class _EpochBatches:
 class _SeededTransform(Dataset):
     """Decode + transform one sample; train-time randomness seeded from (seed, epoch, position in epoch)."""
 
-    def __init__(self, ds: ImageFiles, transform, seed: int, train: bool, grey: bool) -> None:
-        self.ds, self.transform, self.seed, self.train, self.grey = ds, transform, seed, train, grey
+    def __init__(self, ds: ImageFiles, transform, seed: int, train: bool) -> None:
+        self.ds, self.transform, self.seed, self.train = ds, transform, seed, train
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[Tensor, int]:
         epoch, pos, i = key
-        img, y = self.ds[i]
-        if self.grey:
-            img = img.convert("L")
+        img, y = self.ds[i]  # RGB; the transform turns it grey when input_size asks for 1 channel
         if not self.train:
             return self.transform(img), y
         with isolated_rng(mix_seed(self.seed, epoch, pos)):
@@ -211,7 +212,7 @@ class FileLoader(Loader):
             tf = build_eval_transform(input_size, mean, std, crop_pct=0.875, interpolation=interp)
         workers = min(4, os.cpu_count() or 1) if workers is None else workers
         self.batches = _EpochBatches(self)
-        self.dl = DataLoader(_SeededTransform(ds, tf, self.seed, augment, input_size[0] == 1),
+        self.dl = DataLoader(_SeededTransform(ds, tf, self.seed, augment),
                              batch_sampler=self.batches, num_workers=workers, persistent_workers=workers > 0,
                              pin_memory=self.device.type == "cuda",
                              generator=torch.Generator().manual_seed(self.seed))  # keeps the global RNG untouched

@@ -282,6 +282,7 @@ def build_data(source: str | os.PathLike, *, val_split: float = 0.2, seed: int =
     """Build train/val/test datasets from a folder, a CSV file or a built-in name.
 
     A built-in name wins over a same-named folder in the current directory; write ``./mnist`` for the folder.
+    ``val_split`` applies only when the source has no val split of its own (a ``val/`` folder wins).
 
     Example::
 

@@ -7,10 +7,10 @@ preprocessing.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-import torch.nn as nn
+from torch import nn
 
 
 @dataclass(frozen=True)

@@ -189,7 +189,10 @@ def _build_albumentations(aug: AugConfig, input_size: tuple[int, int, int], mean
     flip = [A.HorizontalFlip(p=aug.hflip)] if aug.hflip > 0 else []
 
     def rrc(scale: Sequence[float]) -> Any:
-        return A.RandomResizedCrop(size=(h, w), scale=tuple(scale), interpolation=interp)
+        try:
+            return A.RandomResizedCrop(size=(h, w), scale=tuple(scale), interpolation=interp)
+        except (TypeError, ValueError):  # albumentations < 1.4.x: height, width
+            return A.RandomResizedCrop(h, w, scale=tuple(scale), interpolation=interp)
 
     ops: list[Any] = []
     if aug.preset == "none" or (aug.preset == "basic" and is_small((h, w))):
