@@ -241,6 +241,20 @@ def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
     return found
 
 
+def _adapt_conv_weight(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Adapt a first-conv kernel to ``in_chans`` inputs like timm's ``adapt_input_conv``: sum over the input channels
+    for 1, else repeat and rescale by ``I / in_chans`` (timm covers only RGB sources; this also takes 1 → 3)."""
+    src = weight.shape[1]
+    if src == in_chans:
+        return weight
+    w = weight.float()
+    if in_chans == 1:
+        w = w.sum(dim=1, keepdim=True)
+    else:
+        w = w.repeat(1, -(-in_chans // src), 1, 1)[:, :in_chans] * (src / in_chans)
+    return w.to(weight.dtype)
+
+
 def _set_in_chans(model: nn.Module, in_chans: int, keep_weights: bool) -> None:
     """Replace the first conv for ``in_chans`` inputs; with ``keep_weights`` adapt its kernel as timm does
     (sum over RGB for 1 channel, repeat and rescale for more)."""
@@ -250,9 +264,8 @@ def _set_in_chans(model: nn.Module, in_chans: int, keep_weights: bool) -> None:
     new = nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                     conv.groups, conv.bias is not None, conv.padding_mode)
     if keep_weights:
-        from timm.models import adapt_input_conv
         with torch.no_grad():
-            new.weight.copy_(adapt_input_conv(in_chans, conv.weight.detach()))
+            new.weight.copy_(_adapt_conv_weight(conv.weight.detach(), in_chans))
             if conv.bias is not None:
                 new.bias.copy_(conv.bias)
     _replace_module(model, name, new)
@@ -306,8 +319,7 @@ def _load_local(model: nn.Module, path: Path, canonical: str) -> None:
         if v.shape == want:
             keep[k] = v
         elif k == conv and v.ndim == 4 and v.shape[0] == want[0] and v.shape[2:] == want[2:]:
-            from timm.models import adapt_input_conv
-            keep[k] = adapt_input_conv(want[1], v.float()).to(v.dtype)
+            keep[k] = _adapt_conv_weight(v, want[1])
         elif not is_head(k):
             raise ModelError(f"{path}: {k} has shape {tuple(v.shape)} but {canonical} expects {tuple(want)}; "
                              f"the file is for another architecture")
@@ -365,7 +377,7 @@ def _create_own(name: str, num_classes: int, in_chans: int, pretrained: bool | s
 
 
 def _tv_options(name: str) -> set[str]:
-    """Which of ``dropout`` / ``stochastic_depth_prob`` the torchvision model's class takes (no construction)."""
+    """Which of ``dropout`` / ``stochastic_depth_prob`` / ``aux_logits`` the model's class takes (no construction)."""
     import torchvision.models as tvm
     module = sys.modules[tvm.get_model_builder(name).__module__]
     params: set[str] = set()
@@ -374,7 +386,7 @@ def _tv_options(name: str) -> set[str]:
             sig = inspect.signature(obj.__init__).parameters
             if "num_classes" in sig:
                 params |= set(sig)
-    return params & {"dropout", "stochastic_depth_prob"}
+    return params & {"dropout", "stochastic_depth_prob", "aux_logits"}
 
 
 def _create_tv(name: str, num_classes: int, in_chans: int, pretrained: bool | str | Path, drop_rate: float,
@@ -385,6 +397,8 @@ def _create_tv(name: str, num_classes: int, in_chans: int, pretrained: bool | st
     opts = dict(kwargs)
     if "dropout" in options:  # drop_rate=0 means no dropout, also where torchvision's default is 0.2
         opts.setdefault("dropout", drop_rate)
+    if "aux_logits" in options:  # googlenet / inception: plain logits in training too, like every other model
+        opts.setdefault("aux_logits", False)
     if "stochastic_depth_prob" in options:
         opts.setdefault("stochastic_depth_prob", drop_path_rate)
     elif drop_path_rate:
