@@ -272,7 +272,9 @@ def summarize(trainer: Trainer, bundle, cfg: Config, pre: dict, device, wall: fl
     hist = st.history
     best = next((r for r in hist if r["epoch"] == st.best_epoch), hist[-1] if hist else {})
     out = {"best": {**best, "monitor": trainer.monitor}, "final": hist[-1] if hist else {},
-           "epochs_run": len(hist), "stopped_early": st.stop, "train_seconds": wall, "run_dir": str(trainer.run_dir)}
+           "epochs_run": len(hist), "stopped_early": st.stop, "wall_seconds": wall, "run_dir": str(trainer.run_dir),
+           "n_train": trainer.train_loader.num_samples, "n_val": trainer.val_loader.num_samples if trainer.val_loader
+           else 0}
     if bundle.test is not None and len(bundle.test):
         best_ckpt = load_checkpoint(trainer.run_dir / "best.pt")
         model = trainer.ema.module if trainer.ema is not None else trainer.model

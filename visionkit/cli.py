@@ -138,14 +138,23 @@ def cmd_predict(a) -> int:
 
 
 def cmd_models(a) -> int:
+    """One row per model: the name to type (bare when the bare name picks this model), its source, a description."""
     from .models import list_models
     rows = list_models(a.pattern)
     if not rows:
         print(f"no model matches {a.pattern!r}")
         return 1
-    w = max(len(r["name"]) for r in rows)
+    shown = []
     for r in rows:
-        print(f"{r['name']:<{w}}  -> {r['resolves_to']:<40}  {r.get('description', '')}".rstrip())
+        bare = r["name"].split(":", 1)[1]
+        if r["resolves_to"] == r["name"]:
+            shown.append((bare, r["name"], r.get("description", "")))
+        else:
+            shown.append((r["name"], r["name"], f"(bare '{bare}' is {r['resolves_to']}) " + r.get("description", "")))
+    w = max(len(n) for n, _, _ in shown)
+    print(f"{'NAME':<{w}}  {'RESOLVES TO':<28}  DESCRIPTION")
+    for name, full, desc in shown:
+        print(f"{name:<{w}}  {full:<28}  {desc[:90]}".rstrip())
     return 0
 
 
@@ -201,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError  # every user-facing error class is a ValueError subclass with a one-line message
     try:
         return COMMANDS[a.cmd](a)
+    except BrokenPipeError:  # `visionkit models | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("\ninterrupted: the last checkpoint is saved; continue with --resume RUN_DIR", file=sys.stderr)
         return 130
