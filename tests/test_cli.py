@@ -166,3 +166,20 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     a = json.loads((tmp_path / "full" / "summary.json").read_text())["test"]
     b = json.loads((run / "summary.json").read_text())["test"]
     assert a == b
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
+    run = tmp_path / "run"
+    p = subprocess.Popen([*VK, "train", "--data", "digits", "--model", "lenet", "--img-size", "16", "--epochs", "500",
+                          "--quiet", "--out", str(run)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.csv").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)  # an epoch has finished: we are inside the training loop
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    ck = torch.load(run / "last.pt", weights_only=True)
+    assert ck["state"]["epoch"] >= 1
+    vk("train", "--resume", run, "--epochs", str(ck["state"]["epoch"] + 1), "--quiet")

@@ -83,7 +83,7 @@ class Progress(Callback):
 
     def on_epoch_start(self, trainer) -> None:
         self.t0, self.n0 = time.perf_counter(), trainer.state.running["n"]
-        if not self.quiet:
+        if not self.quiet and sys.stderr.isatty():  # logs and CI get the one line per epoch only
             from tqdm.auto import tqdm
             st = trainer.state
             self.bar = tqdm(total=len(trainer.train_loader), initial=st.batch, leave=False, dynamic_ncols=True,

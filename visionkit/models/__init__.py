@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import own  # noqa: F401  (registers the own models)
-from .registry import ModelEntry, ModelError, own_models, register_model
+from .registry import ModelEntry, ModelError, note_no_drop_path, own_models, register_model
 
 if importlib.util.find_spec(f"{__name__}.fast") is not None:  # written by another engineer; registers fastnet-style
     from . import fast  # noqa: F401
@@ -401,9 +401,8 @@ def _create_tv(name: str, num_classes: int, in_chans: int, pretrained: bool | st
         opts.setdefault("aux_logits", False)
     if "stochastic_depth_prob" in options:
         opts.setdefault("stochastic_depth_prob", drop_path_rate)
-    elif drop_path_rate:
-        raise ModelError(f"{canonical} has no stochastic depth option; set drop_path_rate=0 or use a timm model "
-                         f"(timm models take drop_path_rate)")
+    else:
+        note_no_drop_path(canonical, drop_path_rate)
     cfg = dict(_IMAGENET_CFG)
     try:
         if pretrained is True:

@@ -21,18 +21,11 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.ops import Conv2dNormActivation, StochasticDepth
 
-from .registry import ModelError, register_model
+from .registry import ModelError, note_no_drop_path, register_model
 
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def _no_drop_path(model_name: str, drop_path_rate: float) -> None:
-    """Refuse stochastic depth on models without residual blocks instead of silently ignoring it."""
-    if drop_path_rate:
-        raise ModelError(f"{model_name} has no residual blocks, so drop_path_rate must be 0 (got {drop_path_rate}); "
-                         f"use drop_rate for dropout instead")
 
 
 class _TimmStyle(nn.Module):
@@ -104,7 +97,7 @@ class LeNet(_TimmStyle):
 def lenet(num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
           bn: bool = False, act: str = "relu", **kwargs: Any) -> LeNet:
     """LeNet-5 for 28-32 px images (``bn=True`` for batch norm, ``act="sigmoid"`` for the 1998 original)."""
-    _no_drop_path("lenet", drop_path_rate)
+    note_no_drop_path("lenet", drop_path_rate)
     return LeNet(num_classes, in_chans, drop_rate, bn=bn, act=act, **kwargs)
 
 
@@ -162,7 +155,7 @@ class NiN(nn.Module):
 def nin(num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
         block_drop: float = 0.5, **kwargs: Any) -> NiN:
     """Network in Network (CIFAR-10 variant of the paper, with BatchNorm) for 28-32 px images."""
-    _no_drop_path("nin", drop_path_rate)
+    note_no_drop_path("nin", drop_path_rate)
     return NiN(num_classes, in_chans, drop_rate, block_drop=block_drop, **kwargs)
 
 
@@ -204,7 +197,7 @@ class MobileNetV1(_TimmStyle):
 def mobilenet_v1(num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  width_mult: float = 1.0, **kwargs: Any) -> MobileNetV1:
     """MobileNet v1 with width multiplier ``width_mult`` (alpha), for 224 px images."""
-    _no_drop_path("mobilenet_v1", drop_path_rate)
+    note_no_drop_path("mobilenet_v1", drop_path_rate)
     return MobileNetV1(num_classes, in_chans, drop_rate, width_mult=width_mult, **kwargs)
 
 

@@ -58,3 +58,15 @@ def own_models() -> dict[str, ModelEntry]:
         True
     """
     return dict(_OWN)
+
+
+def note_no_drop_path(model_name: str, drop_path_rate: float) -> None:
+    """Models without residual branches have no stochastic depth: say so once on stderr and train without it.
+
+    Recipes set ``drop_path_rate`` for the models that support it; refusing every other model would make a recipe
+    unusable with half the registry, and ignoring it silently would hide a setting the user may have asked for.
+    """
+    if drop_path_rate:
+        import sys
+        print(f"note: {model_name} has no stochastic depth; drop_path_rate={drop_path_rate} is ignored "
+              f"(use drop_rate for dropout)", file=sys.stderr)
