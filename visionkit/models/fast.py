@@ -15,10 +15,10 @@ The stages are: stem (full res) -> stage 1 (1/2 res) -> stage 2 (1/4 res) [-> st
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from visionkit.models.registry import register_model
 
@@ -118,22 +118,25 @@ class FastNet(nn.Module):
 
 
 @register_model(default_cfg=_FMNIST_CFG, small_input=True,
-                description="FastNet (~0.46M params, ~35M MACs at 28px): 93%+ on Fashion-MNIST in <5 min on 2 CPU cores")
+                description="FastNet (0.26M params, 20M MACs at 28px): 93% on Fashion-MNIST in <5 min on 2 CPU cores")
 def fastnet(num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-            width: int = 64, **kw) -> nn.Module:
-    """FastNet with stage widths ``(width * 3/8, width, 2 * width)`` and one residual block per stage."""
-    widths = kw.pop("widths", (max(8, width * 3 // 8), width, 2 * width))
+            width: int = 48, **kw) -> nn.Module:
+    """FastNet, widths ``(width / 3, width, 2 * width)`` = (16, 48, 96), one residual block per stage.
+
+    On a small CPU budget more epochs of a narrow net beat fewer epochs of a wider one.
+    """
+    widths = kw.pop("widths", (max(8, width // 3), width, 2 * width))
     depths = kw.pop("depths", (1, 1))
     return FastNet(widths, depths, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
                    drop_path_rate=drop_path_rate, **kw)
 
 
 @register_model(default_cfg=_FMNIST_CFG, small_input=True,
-                description="Wider FastNet for the ~20 min CPU budget (94.5%+ on Fashion-MNIST)")
+                description="Wider FastNet (0.46M params, 35M MACs at 28px) for a ~20 min CPU budget")
 def fastnet_wide(num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 width: int = 96, **kw) -> nn.Module:
-    """FastNet with stage widths ``(width / 3, width, 2 * width)`` and two residual blocks per stage."""
-    widths = kw.pop("widths", (max(8, width // 3), width, 2 * width))
-    depths = kw.pop("depths", (2, 2))
+                 width: int = 64, **kw) -> nn.Module:
+    """FastNet, widths ``(3 * width / 8, width, 2 * width)`` = (24, 64, 128), one residual block per stage."""
+    widths = kw.pop("widths", (max(8, width * 3 // 8), width, 2 * width))
+    depths = kw.pop("depths", (1, 1))
     return FastNet(widths, depths, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
                    drop_path_rate=drop_path_rate, **kw)

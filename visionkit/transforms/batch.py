@@ -116,7 +116,10 @@ class BatchAugment:
             u = torch.rand(b, _N_RAND, generator=generator, device=generator.device)
             u = u.to(x.device, non_blocking=True)
         if u is not None and (self.hflip > 0 or self.pad > 0):
-            x = self._flip_translate(x, u)
+            # crop_pad is in output pixels: translate the native image by the same fraction of its size
+            # (8-px digits shown at 32 px move by 1 px, not by half the image)
+            pad = round(self.pad * h / self.out_size[0]) if self.pad else 0
+            x = self._flip_translate(x, u, pad)
         if u is not None and self.policy is not None:
             x = self._apply_policy(x, generator)
         if x.shape[1] != self.channels:  # 1 -> 3: a view, materialised by the normalisation below
@@ -131,10 +134,9 @@ class BatchAugment:
             out = self._erase(out, u)
         return out
 
-    def _flip_translate(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Per-sample flip + shift in one gather from the zero-padded batch (out[i, j] = x[i + dy, j + dx])."""
+    def _flip_translate(self, x: torch.Tensor, u: torch.Tensor, p: int) -> torch.Tensor:
+        """Per-sample flip + shift by up to ``p`` px in one gather from the zero-padded batch."""
         b, c, h, w = x.shape
-        p = self.pad
         dev = x.device
         flip = u[:, 0] < self.hflip
         dy = (u[:, 1] * (2 * p + 1)).long().clamp_(max=2 * p)  # offsets into the padded image, 0..2p
