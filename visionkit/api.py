@@ -16,6 +16,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,13 +181,16 @@ def train(data: str | None = None, model: str | None = None, *, recipe: str | No
         if recipe or config:
             raise ConfigError("--resume continues a run with its own config; drop --recipe/--config")
         saved = ckpt["config"]
-        for key, v in flat.items():
+
+        def old(key: str) -> Any:
             sec, _, name = key.partition(".")
-            old = saved.get(sec, {}).get(name) if name else saved.get(sec)
-            if key == "model.name" and v != old:
-                raise CheckpointError(f"cannot resume: checkpoint was trained as model {old!r}, not {v!r}")
-            if key not in RESUMABLE_KEYS and key != "model.name" and v != old and key != "data.source":
-                raise ConfigError(f"cannot change {key} when resuming (checkpoint has {old!r}); "
+            return saved.get(sec, {}).get(name) if name else saved.get(sec)
+        if "model.name" in flat and flat["model.name"] != old("model.name"):
+            raise CheckpointError(f"cannot resume: the checkpoint was trained as model {old('model.name')!r}, "
+                                  f"not {flat['model.name']!r}")
+        for key, v in flat.items():
+            if key not in RESUMABLE_KEYS | {"model.name", "data.source"} and v != old(key):
+                raise ConfigError(f"cannot change {key} when resuming (the checkpoint has {old(key)!r}); "
                                   f"start a new run instead")
         cfg = resolve_config(base=saved, overrides={k: v for k, v in flat.items() if k in RESUMABLE_KEYS})
         if data is not None:
@@ -253,8 +257,15 @@ def train(data: str | None = None, model: str | None = None, *, recipe: str | No
                       save_every=cfg.train.save_every, run_dir=run_dir, meta=meta, callbacks=callbacks,
                       tta=cfg.train.tta, compiled=compiled)
     if ckpt is not None:
-        trainer.load_state(ckpt)
+        same_length = ckpt["config"]["train"]["epochs"] == cfg.train.epochs
+        trainer.load_state(ckpt if same_length else {**ckpt, "scheduler": None})
         st = trainer.state
+        if not same_length and sched is not None and per_step:
+            # a longer (or shorter) run: the schedule of the new length, fast-forwarded to where training stands
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for _ in range(min(st.step, cfg.train.epochs * steps_per_epoch - 1)):
+                    sched.step()
         print(f"resuming {run_dir} at epoch {st.epoch + 1}, batch {st.batch} (step {st.step})", file=sys.stderr)
     elif not cfg.train.quiet:
         print(f"run directory: {run_dir}", file=sys.stderr)

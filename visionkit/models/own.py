@@ -216,7 +216,7 @@ class _DropPathBlock(BasicBlock):
         return self.relu(out + identity)
 
 
-class SmallResNet(ResNet):
+class SmallResNet(_TimmStyle, ResNet):
     """torchvision ``ResNet`` with the CIFAR stem: one 3x3 stride-1 conv and no max-pool (He et al. 2016, sec. 4.2).
 
     Keeps torchvision's parameter names (``conv1``, ``layer1``..``layer4``, ``fc``), so its state dicts read alike.
@@ -229,6 +229,7 @@ class SmallResNet(ResNet):
         self.conv1 = nn.Conv2d(in_chans, 64, 3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.maxpool = nn.Identity()
+        self.global_pool = self.avgpool  # the name _TimmStyle.forward_head uses
         self.drop = nn.Dropout(drop_rate)
         self.num_features, self.num_classes = 512, num_classes
         if num_classes <= 0:
@@ -242,21 +243,6 @@ class SmallResNet(ResNet):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(torch.flatten(self.avgpool(x), 1))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head (``num_classes=0`` → identity, giving pooled features)."""
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
 _CIFAR_CFG = {"input_size": (3, 32, 32), "mean": CIFAR10_MEAN, "std": CIFAR10_STD, "crop_pct": 1.0}
