@@ -60,7 +60,8 @@ def visionkit_run(data: str, model_name: str, batch: int, epochs: int, lr: float
         run = train(data, model_name, out=str(Path(d) / "run"), epochs=epochs, batch_size=batch, lr=lr, quiet=True,
                     overrides={"data.val_split": 0.0, "aug.preset": "none", "optim.name": "sgd",
                                "optim.weight_decay": 5e-4, "sched.name": "onecycle", "train.amp": "bf16"})
-        rows = list(csv.DictReader(open(run.dir / "metrics.csv")))
+        with open(run.dir / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
         n_train = run.summary.get("n_train")
         secs = sum(float(r["time"]) for r in rows)
     return n_train * epochs / secs

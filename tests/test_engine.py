@@ -2,10 +2,18 @@ import pickle
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from visionkit.config import OptimConfig, SchedConfig
-from visionkit.engine import Callback, CheckpointError, Trainer, atomic_save, build_optimizer, build_scheduler, load_checkpoint
+from visionkit.engine import (
+    Callback,
+    CheckpointError,
+    Trainer,
+    atomic_save,
+    build_optimizer,
+    build_scheduler,
+    load_checkpoint,
+)
 from visionkit.engine.events import EarlyStopping
 from visionkit.tasks import ClassificationTask
 
@@ -49,7 +57,7 @@ def test_optimizer_keeps_norms_and_biases_out_of_weight_decay():
     assert sgd.param_groups[0]["nesterov"] is True
 
 
-@pytest.mark.parametrize("name", ["cosine", "onecycle", "step", "multistep", "cosine_restarts", "constant"])
+@pytest.mark.parametrize("name", ["cosine", "linear", "onecycle", "step", "multistep", "cosine_restarts", "constant"])
 def test_schedules_warm_up_and_end_where_expected(name):
     p = nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=0.1)
@@ -62,7 +70,7 @@ def test_schedules_warm_up_and_end_where_expected(name):
         sched.step()
     assert per_step
     assert lrs[0] < 0.05 and max(lrs) == pytest.approx(0.1, rel=0.05)  # warmup (onecycle: its own) up to lr
-    if name in ("cosine", "onecycle"):
+    if name in ("cosine", "linear", "onecycle"):
         assert lrs[-1] < 0.01
     if name in ("step", "multistep"):
         assert lrs[19] == pytest.approx(0.1) and lrs[20] == pytest.approx(0.01)  # drop at epoch 2 exactly

@@ -13,4 +13,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'visionkit' has no attribute {name!r}")
 
 
-__all__ = ["train", "load", "evaluate_checkpoint", "Predictor", "create_model", "list_models", "__version__"]
+__all__ = ["Predictor", "__version__", "create_model", "evaluate_checkpoint", "list_models", "load", "train"]

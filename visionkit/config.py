@@ -82,10 +82,10 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    name: str = "cosine"  # constant | cosine | onecycle | step | multistep | cosine_restarts | plateau
-    warmup_epochs: float = 0.0  # linear warmup (cosine, step, multistep, cosine_restarts, constant)
+    name: str = "cosine"  # constant | cosine | linear | onecycle | step | multistep | cosine_restarts | plateau
+    warmup_epochs: float = 0.0  # linear warmup (every schedule but onecycle, which has its own, and plateau)
     warmup_factor: float = 0.01  # warmup starts at lr * warmup_factor
-    min_lr: float = 0.0  # floor of cosine schedules, as a fraction of lr
+    min_lr: float = 0.0  # where cosine / linear schedules end, as a fraction of lr
     step_epochs: int = 30  # step
     milestones: list[int] = field(default_factory=lambda: [30, 60, 90])  # multistep (epochs)
     gamma: float = 0.1  # step / multistep / plateau factor
@@ -139,7 +139,7 @@ CHOICES = {
     "aug.backend": ("torchvision", "albumentations"),
     "aug.interpolation": ("nearest", "bilinear", "bicubic"),
     "optim.name": ("sgd", "adamw", "adam"),
-    "sched.name": ("constant", "cosine", "onecycle", "step", "multistep", "cosine_restarts", "plateau"),
+    "sched.name": ("constant", "cosine", "linear", "onecycle", "step", "multistep", "cosine_restarts", "plateau"),
     "train.amp": ("auto", "off", "bf16", "fp16"),
     "task": ("classification",),
 }

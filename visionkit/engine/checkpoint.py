@@ -73,7 +73,7 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint not found: {p}")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or a pickle that weights_only refuses to execute
+    except Exception as e:  # noqa: BLE001 -- truncated, not a torch file, or a pickle weights_only refuses
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read checkpoint {p}: {first[:200]}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "format_version" not in ckpt:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .checkpoint import FORMAT_VERSION, atomic_save, rng_state, set_rng_state
 from .events import Callback

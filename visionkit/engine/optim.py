@@ -12,6 +12,7 @@ from torch.optim import lr_scheduler as S
 
 from ..config import OptimConfig, SchedConfig
 
+
 def build_optimizer(model_or_groups, cfg: OptimConfig) -> torch.optim.Optimizer:
     """Optimizer over ``model_or_groups`` (a module, or param-group dicts with their own ``lr``).
 
@@ -31,7 +32,7 @@ def build_optimizer(model_or_groups, cfg: OptimConfig) -> torch.optim.Optimizer:
 def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, steps_per_epoch: int, lr: float):
     """LR schedule for ``epochs`` x ``steps_per_epoch`` optimizer steps. Returns (scheduler, per_step: bool)."""
     total = max(1, epochs * steps_per_epoch)
-    warm = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
+    warm = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
     spe = max(1, steps_per_epoch)
     if cfg.name == "plateau":
         return S.ReduceLROnPlateau(opt, mode="max", factor=cfg.gamma, patience=cfg.patience), False
@@ -40,6 +41,8 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, s
         return S.OneCycleLR(opt, max_lr=max_lrs, total_steps=total, pct_start=cfg.pct_start), True
     if cfg.name == "cosine":
         main = S.CosineAnnealingLR(opt, T_max=max(1, total - warm), eta_min=cfg.min_lr * lr)
+    elif cfg.name == "linear":  # straight down to min_lr (airbench-style triangle with the warmup)
+        main = S.LinearLR(opt, start_factor=1.0, end_factor=cfg.min_lr, total_iters=max(1, total - warm))
     elif cfg.name in ("step", "multistep"):
         # milestones in epochs from the start of training, shifted because the main schedule starts after warmup
         epochs_at = range(cfg.step_epochs, epochs + 1, cfg.step_epochs) if cfg.name == "step" else cfg.milestones
