@@ -224,20 +224,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _user_errors() -> tuple[type, ...]:
-    errs: list[type] = []
+    """Every error class a user mistake raises: each is a ValueError with a one-line message."""
+    from .data import DataError
     from .engine.checkpoint import CheckpointError
-    errs.append(CheckpointError)
-    try:
-        from .data import DataError
-        errs.append(DataError)
-    except ImportError:
-        pass
-    try:
-        from .models import ModelError
-        errs.append(ModelError)
-    except ImportError:
-        pass
-    return tuple(errs)
+    from .models import ModelError
+    return CheckpointError, DataError, ModelError
 
 
 if __name__ == "__main__":

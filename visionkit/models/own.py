@@ -109,7 +109,7 @@ def _mlpconv(cin: int, widths: tuple[int, int, int], k: int) -> nn.Sequential:
                          Conv2dNormActivation(c2, c3, 1))
 
 
-class NiN(nn.Module):
+class NiN(_TimmStyle):
     """Network in Network (Lin et al. 2013), the CIFAR-10 model of the paper, with BatchNorm added.
 
     Three mlpconv blocks; the classifier is a 1x1 conv to ``num_classes`` maps followed by global average
@@ -137,12 +137,6 @@ class NiN(nn.Module):
         if pre_logits:
             return torch.flatten(self.global_pool(x), 1)
         return torch.flatten(self.global_pool(self.fc(x)), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the 1x1-conv head (``num_classes=0`` → identity, giving pooled features)."""
