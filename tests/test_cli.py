@@ -189,3 +189,36 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     ck = torch.load(run / "last.pt", weights_only=True)
     assert ck["state"]["epoch"] >= 1
     vk("train", "--resume", run, "--epochs", str(ck["state"]["epoch"] + 1), "--quiet")
+
+
+def test_bad_weights_inputs_give_one_line_errors(trained, folder, tmp_path):
+    """The issue's bad inputs for transfer learning, through the console script; no run dir is left behind."""
+    base = ["train", "--data", folder, "--img-size", "32", "--quiet", "--epochs", "1", "--set", "data.workers=0"]
+    lenet = trained / "best.pt"  # a visionkit checkpoint of another architecture
+    user_error(vk(*base, "--model", "timm:resnet10t", "--weights", lenet, "--out", tmp_path / "a", check=False),
+               "another architecture")
+    data = (trained / "best.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 3])
+    user_error(vk(*base, "--model", "lenet", "--weights", tmp_path / "cut.pt", "--out", tmp_path / "b", check=False),
+               "truncated")
+    (tmp_path / "evil.pt").write_bytes(b"\x80\x04cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode()
+                                       + b"'\ntR.")
+    user_error(vk(*base, "--model", "lenet", "--weights", tmp_path / "evil.pt", "--out", tmp_path / "c", check=False),
+               "not a plain state dict")
+    assert not (tmp_path / "pwned").exists()
+    user_error(vk(*base, "--model", "tv:squeezenet1_1", "--finetune", "linear-probe", "--out", tmp_path / "d",
+                  check=False), "Linear classifier head")
+    user_error(vk(*base, "--model", "lenet", "--pretrained", "--out", tmp_path / "e", check=False),
+               "has no pretrained weights")
+    assert not any((tmp_path / x).exists() for x in "abcde")
+
+
+def test_weights_from_a_checkpoint_then_lr_find(trained, folder, tmp_path):
+    r = vk("train", "--data", folder, *TINY, "--epochs", "1", "--weights", trained / "best.pt", "--finetune", "staged",
+           "--out", tmp_path / "ft")
+    assert json.loads((tmp_path / "ft" / "finetune.json").read_text())["strategy"] == "staged"
+    r = vk("lr-find", "--data", folder, *TINY, "--out", tmp_path / "lr", "--steps", "30")
+    assert "suggested lr" in r.stdout
+    saved = json.loads((tmp_path / "lr" / "lr_find.json").read_text())
+    assert len(saved["lrs"]) <= 30 and saved["suggestion"] > 0
+    assert (tmp_path / "lr" / "lr_find.png").stat().st_size > 1000

@@ -138,7 +138,8 @@ def test_tv_head_reset_to_features() -> None:
 def test_resolution_order(monkeypatch: pytest.MonkeyPatch) -> None:
     assert vm.resolve_name("lenet") == ("own", "lenet")
     assert vm.resolve_name("resnet18") == ("tv", "resnet18")
-    assert vm.resolve_name("efficientnet_lite0") == ("timm", "efficientnet_lite0")
+    assert vm.resolve_name("efficientnet_lite0") == ("timm", "tf_efficientnet_lite0")  # packaged-weights alias
+    assert vm.resolve_name("mixnet_s") == ("timm", "mixnet_s")
     assert vm.resolve_name("timm:resnet18") == ("timm", "resnet18")
     assert vm.resolve_name("torchvision:resnet18") == ("tv", "resnet18")
     assert vm.resolve_name("resnet10t.c3_in1k") == ("timm", "resnet10t.c3_in1k")
@@ -169,7 +170,8 @@ def test_list_models() -> None:
     assert all(set(r) == {"name", "source", "resolves_to", "description"} for r in rows)
     by_name = {r["name"]: r for r in rows}
     assert by_name["timm:resnet18"]["resolves_to"] == "tv:resnet18"
-    assert by_name["timm:efficientnet_lite0"]["resolves_to"] == "timm:efficientnet_lite0"
+    assert by_name["timm:efficientnet_lite0"]["resolves_to"] == "timm:tf_efficientnet_lite0"  # the bare name is the alias
+    assert by_name["timm:mixnet_s"]["resolves_to"] == "timm:mixnet_s"
     assert by_name["tv:resnet18"]["description"].startswith("ResNet-18")
     assert [r["name"] for r in vm.list_models("own:len")] == ["own:lenet"]
     assert {r["source"] for r in vm.list_models("resnet18*")} == {"own", "tv", "timm"}
@@ -236,7 +238,7 @@ def test_pretrained_local_files(tmp_path: Path) -> None:
     model = vm.create_model("timm:resnet10t", num_classes=3, pretrained=str(tmp_path / "r10t.pth"))
     assert torch.equal(model.layer1[0].conv1.weight, ref.layer1[0].conv1.weight) and model.fc.out_features == 3
 
-    with pytest.raises(vm.ModelError, match="does not match tv:mobilenet_v3_small"):
+    with pytest.raises(vm.ModelError, match="fits tv:mobilenet_v3_small; the file is for another architecture"):
         vm.create_model("tv:mobilenet_v3_small", 3, pretrained=tmp_path / "lenet.pth")
     with pytest.raises(vm.ModelError, match="does not exist"):
         vm.create_model("lenet", 3, pretrained=tmp_path / "missing.pth")

@@ -9,6 +9,8 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -55,10 +57,19 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 matrix units (AVX512-BF16 or AMX): there bf16 autocast is 1.5-4.7x faster than fp32 (see
+    benchmarks/RESULTS.md); elsewhere it is emulated and slower."""
+    probe = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(f() for f in probe if f is not None)
+
+
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on CUDA when supported (else fp16), off on CPU (bf16 autocast on CPU is opt-in: --set train.amp=bf16)."""
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+    """auto: bf16 on CUDA when supported (else fp16); on CPU bf16 where it has native bf16 units, else off."""
+    if mode == "off":
         return None
+    if mode == "auto" and device.type == "cpu":
+        return torch.bfloat16 if cpu_has_bf16() else None
     if mode == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if mode == "fp16" and device.type == "cpu":
@@ -125,8 +136,10 @@ def preprocess_for(cfg: Config, bundle, model_cfg: dict) -> dict:
     mean, std = list(model_cfg["mean"]), list(model_cfg["std"])
     if len(mean) != c:  # e.g. ImageNet RGB statistics for a grey model: use their average
         mean, std = [sum(mean) / len(mean)] * c, [sum(std) / len(std)] * c
+    # built-in tensor data sets are whole images, resized and never centre-cropped: predict must do the same
+    crop = 1.0 if bundle.native_size else model_cfg.get("crop_pct", 0.875)
     return {"input_size": [c, size, size], "mean": mean, "std": std,
-            "interpolation": model_cfg.get("interpolation", "bilinear"), "crop_pct": model_cfg.get("crop_pct", 0.875)}
+            "interpolation": model_cfg.get("interpolation", "bilinear"), "crop_pct": crop}
 
 
 def _loader(ds, cfg: Config, pre: dict, device, train: bool, sampler_weights=None):
@@ -135,7 +148,8 @@ def _loader(ds, cfg: Config, pre: dict, device, train: bool, sampler_weights=Non
     return make_loader(ds, batch_size=bs, train=train, seed=cfg.train.seed, device=device,
                        input_size=tuple(pre["input_size"]), mean=pre["mean"], std=pre["std"],
                        aug=cfg.aug if train else None, channels_last=cfg.model.channels_last,
-                       workers=cfg.data.workers, sampler_weights=sampler_weights)
+                       workers=cfg.data.workers, sampler_weights=sampler_weights, crop_pct=pre["crop_pct"],
+                       interpolation=pre["interpolation"])
 
 
 def _write(path: Path, obj: Any) -> None:
@@ -144,32 +158,129 @@ def _write(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-# ------------------------------------------------------------------------------------------------ train
-def train(data: str | None = None, model: str | None = None, *, recipe: str | None = None,
-          config: str | None = None, out: str | None = None, resume: str | None = None,
-          overrides: dict[str, Any] | None = None, **kw: Any) -> Run:
-    """Train a model; returns the Run (its directory and summary).
+@dataclass
+class Setup:
+    """Everything a run trains with, built from a Config (and, when resuming, its checkpoint)."""
+    device: torch.device
+    dtype: torch.dtype | None
+    bundle: Any
+    classes: list[str]
+    net: torch.nn.Module
+    model_cfg: dict
+    pre: dict
+    task: Any
+    decision: Any
+    train_loader: Any
+    val_loader: Any
+    opt: torch.optim.Optimizer
+    sched: Any
+    per_step: bool
+    steps_per_epoch: int
+    epochs: int
+    ema: Any
+    forward_model: torch.nn.Module | None
+    callbacks: list
+    probe: bool
 
-    Keyword shortcuts map onto config keys: ``epochs``, ``batch_size``, ``lr``, ``seed``, ``device``, ``quiet``;
-    any other key goes in ``overrides`` with its dotted name (``{"optim.name": "sgd"}``).
 
-    Example::
-
-        run = train(data="digits", model="lenet", epochs=1, overrides={"data.img_size": 32})
-    """
+def _setup(cfg: Config, ckpt: dict | None) -> Setup:
+    """Data, model (pretrained weights and the fine-tuning strategy included), loaders, optimizer and schedule."""
+    from . import finetune as ft
     from .data import build_data, class_weights
     from .models import create_model
     from .tasks import ClassificationTask
-    from .transforms import build_batch_mix
 
-    shortcuts = {"epochs": "train.epochs", "batch_size": "data.batch_size", "lr": "optim.lr", "seed": "train.seed",
-                 "device": "train.device", "quiet": "train.quiet", "deterministic": "train.deterministic",
-                 "save_every": "train.save_every", "val_split": "data.val_split", "bad_images": "data.bad_images"}
-    unknown = set(kw) - set(shortcuts)
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    dtype = amp_dtype(cfg.train.amp, device)
+
+    bundle = build_data(cfg.data.source, val_split=cfg.data.val_split, seed=cfg.train.seed,
+                        bad_images=cfg.data.bad_images, root=cfg.data.root, download=cfg.data.download)
+    classes = list(bundle.classes)
+    if ckpt is not None and list(ckpt["classes"]) != classes:
+        raise CheckpointError(f"cannot resume: checkpoint has {len(ckpt['classes'])} classes "
+                              f"({', '.join(ckpt['classes'][:5])}...), the data has {len(classes)}")
+
+    source = cfg.model.weights or cfg.model.pretrained  # a local file wins over hub weights
+    net = create_model(cfg.model.name, num_classes=len(classes), in_chans=bundle.in_chans,
+                       pretrained=source if ckpt is None else False, drop_rate=cfg.model.drop_rate,
+                       drop_path_rate=cfg.model.drop_path_rate, weights_strict=cfg.model.weights_strict,
+                       **cfg.model.kwargs)
+    model_cfg = dict(net.visionkit_cfg)
+    pre = ckpt["preprocess"] if ckpt is not None else preprocess_for(cfg, bundle, model_cfg)
+    net.to(device)
+    if cfg.model.channels_last:
+        net.to(memory_format=torch.channels_last)
+
+    weights = None
+    if cfg.data.balance != "none":
+        cw = class_weights(bundle.train.targets, len(classes))
+        weights = cw if cfg.data.balance == "loss" else cw[torch.as_tensor(bundle.train.targets)]
+    task = ClassificationTask(len(classes), cfg.train.label_smoothing,
+                              class_weights=weights if cfg.data.balance == "loss" else None)
+    train_loader = _loader(bundle.train, cfg, pre, device, True,
+                           sampler_weights=weights if cfg.data.balance == "sampler" else None)
+    val_loader = _loader(bundle.val, cfg, pre, device, False) if bundle.val is not None and len(bundle.val) else None
+
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    decision = ft.Decision(**ckpt["finetune"]) if ckpt is not None and ckpt.get("finetune") else None
+    clean = None  # the train set without augmentation: for the auto decision and a linear probe's feature cache
+    if decision is None:
+        if cfg.finetune.strategy in ("auto", "linear-probe") and source:
+            clean = _loader(bundle.train, cfg, pre, device, False)
+        decision = choose_finetune(cfg, net, bundle, clean, bool(source))
+    ftc = dataclasses.replace(cfg.finetune, **decision.settings)
+    probe = decision.strategy == "linear-probe"
+    epochs, optim_cfg, sched_cfg, forward_model, extra = cfg.train.epochs, cfg.optim, cfg.sched, None, []
+    if decision.strategy == "linear-probe":  # the head alone, on cached features
+        head = ft.probe_head(net, model_cfg["name"])
+        clean = clean if clean is not None else _loader(bundle.train, cfg, pre, device, False)
+        images = [ld for ld in (train_loader, val_loader) if ld is not None]
+        train_loader, val_loader = ft.probe_loaders(net, head, train_loader, clean, val_loader, ftc, cfg.data.batch_size,
+                                                    cfg.train.seed, autocast, cfg.train.quiet)
+        for ld in images:  # replaced by the feature caches
+            ld.close()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        head.requires_grad_(True)
+        forward_model = ft.HeadOnly(head)
+        epochs = ftc.probe_epochs
+        optim_cfg = dataclasses.replace(cfg.optim, name="adamw", lr=ftc.probe_lr, weight_decay=ftc.probe_weight_decay)
+        sched_cfg = dataclasses.replace(cfg.sched, name="cosine", warmup_epochs=0.0)
+        opt = build_optimizer(forward_model, optim_cfg)
+    elif decision.strategy == "none":
+        opt = build_optimizer(net, cfg.optim)
+    else:  # layer groups: per-group lrs, and the Freezer callback decides each epoch what trains
+        groups = ft.layer_groups(net)
+        opt = build_optimizer(ft.param_groups(net, groups, ftc, cfg.optim.lr, cfg.optim.weight_decay,
+                                              cfg.optim.decay_norm_and_bias), cfg.optim)
+        extra.append(ft.Freezer(decision.strategy, groups, ftc, cfg.train.quiet))
+    if clean is not None:
+        clean.close()
+    steps_per_epoch = -(-len(train_loader) // cfg.train.grad_accum)
+    sched, per_step = build_scheduler(opt, sched_cfg, epochs, steps_per_epoch, optim_cfg.lr)
+    ema = None
+    if cfg.train.ema and decision.strategy != "linear-probe":
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(net, decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
+    if cfg.model.compile and forward_model is None:
+        forward_model = torch.compile(net)
+    return Setup(device, dtype, bundle, classes, net, model_cfg, pre, task, decision, train_loader, val_loader, opt,
+                 sched, per_step, steps_per_epoch, epochs, ema, forward_model, extra, probe)
+
+
+SHORTCUTS = {"epochs": "train.epochs", "batch_size": "data.batch_size", "lr": "optim.lr", "seed": "train.seed",
+             "device": "train.device", "quiet": "train.quiet", "deterministic": "train.deterministic",
+             "save_every": "train.save_every", "val_split": "data.val_split", "bad_images": "data.bad_images"}
+
+
+def _resolve(data, model, recipe, config, resume, overrides, kw) -> tuple[Config, dict | None]:
+    """The run's Config (and checkpoint when resuming) from the API/CLI arguments."""
+    unknown = set(kw) - set(SHORTCUTS)
     if unknown:
         raise ConfigError(f"unknown argument(s) {', '.join(sorted(unknown))}; use overrides={{'section.key': value}}")
     flat = dict(overrides or {})
-    flat.update({shortcuts[k]: v for k, v in kw.items() if v is not None})
+    flat.update({SHORTCUTS[k]: v for k, v in kw.items() if v is not None})
     if data is not None:
         flat["data.source"] = data
     if model is not None:
@@ -198,44 +309,29 @@ def train(data: str | None = None, model: str | None = None, *, recipe: str | No
     else:
         cfg = resolve_config(recipe=recipe, config_file=config, overrides=flat)
 
-    device = resolve_device(cfg.train.device)
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
-    dtype = amp_dtype(cfg.train.amp, device)
+    return cfg, ckpt
 
-    bundle = build_data(cfg.data.source, val_split=cfg.data.val_split, seed=cfg.train.seed,
-                        bad_images=cfg.data.bad_images, root=cfg.data.root, download=cfg.data.download)
-    classes = list(bundle.classes)
-    if ckpt is not None and list(ckpt["classes"]) != classes:
-        raise CheckpointError(f"cannot resume: checkpoint has {len(ckpt['classes'])} classes "
-                              f"({', '.join(ckpt['classes'][:5])}...), the data has {len(classes)}")
 
-    net = create_model(cfg.model.name, num_classes=len(classes), in_chans=bundle.in_chans,
-                       pretrained=cfg.model.pretrained and ckpt is None, drop_rate=cfg.model.drop_rate,
-                       drop_path_rate=cfg.model.drop_path_rate, **cfg.model.kwargs)
-    model_cfg = dict(net.visionkit_cfg)
-    pre = ckpt["preprocess"] if ckpt is not None else preprocess_for(cfg, bundle, model_cfg)
-    net.to(device)
-    if cfg.model.channels_last:
-        net.to(memory_format=torch.channels_last)
+# ------------------------------------------------------------------------------------------------ train
+def train(data: str | None = None, model: str | None = None, *, recipe: str | None = None,
+          config: str | None = None, out: str | None = None, resume: str | None = None,
+          overrides: dict[str, Any] | None = None, **kw: Any) -> Run:
+    """Train a model; returns the Run (its directory and summary).
 
-    weights = None
-    if cfg.data.balance != "none":
-        cw = class_weights(bundle.train.targets, len(classes))
-        weights = cw if cfg.data.balance == "loss" else cw[torch.as_tensor(bundle.train.targets)]
-    task = ClassificationTask(len(classes), cfg.train.label_smoothing,
-                              class_weights=weights if cfg.data.balance == "loss" else None)
-    train_loader = _loader(bundle.train, cfg, pre, device, True,
-                           sampler_weights=weights if cfg.data.balance == "sampler" else None)
-    val_loader = _loader(bundle.val, cfg, pre, device, False) if bundle.val is not None and len(bundle.val) else None
+    Keyword shortcuts map onto config keys: ``epochs``, ``batch_size``, ``lr``, ``seed``, ``device``, ``quiet``;
+    any other key goes in ``overrides`` with its dotted name (``{"optim.name": "sgd"}``).
 
-    opt = build_optimizer(net, cfg.optim)
-    steps_per_epoch = -(-len(train_loader) // cfg.train.grad_accum)
-    sched, per_step = build_scheduler(opt, cfg.sched, cfg.train.epochs, steps_per_epoch, cfg.optim.lr)
-    ema = None
-    if cfg.train.ema:
-        from timm.utils import ModelEmaV3
-        ema = ModelEmaV3(net, decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
-    compiled = torch.compile(net) if cfg.model.compile else None
+    Example::
+
+        run = train(data="digits", model="lenet", epochs=1, overrides={"data.img_size": 32})
+    """
+    from .transforms import build_batch_mix
+
+    cfg, ckpt = _resolve(data, model, recipe, config, resume, overrides, kw)
+    s = _setup(cfg, ckpt)
+    bundle, classes, net, model_cfg, pre, device, dtype = s.bundle, s.classes, s.net, s.model_cfg, s.pre, s.device, s.dtype
+    decision, probe, epochs, sched, per_step = s.decision, s.probe, s.epochs, s.sched, s.per_step
+    train_loader, val_loader, steps_per_epoch = s.train_loader, s.val_loader, s.steps_per_epoch
 
     run_dir = Path(ckpt["path"]).parent if ckpt is not None else new_run_dir(
         out, f"{model_cfg['name'].split(':')[-1]}-{Path(str(bundle.name)).name}")
@@ -245,36 +341,103 @@ def train(data: str | None = None, model: str | None = None, *, recipe: str | No
         _write(run_dir / "env.json", environment(device, cfg.train.seed, bundle.fingerprint))
         _write(run_dir / "data.json", {"name": str(bundle.name), "fingerprint": bundle.fingerprint,
                                        "summary": bundle.summary(), "bad_files": bundle.bad_files})
+        _write(run_dir / "finetune.json", decision.to_dict())
     meta = {"config": cfg.to_dict(), "classes": classes, "model_cfg": model_cfg, "preprocess": pre,
-            "data_fingerprint": bundle.fingerprint}
+            "data_fingerprint": bundle.fingerprint, "finetune": decision.to_dict()}
     monitor = cfg.train.monitor if val_loader is not None else "train_loss"
     callbacks = [Progress(cfg.train.quiet, cfg.train.log_every), CSVLogger(run_dir / "metrics.csv"),
-                 TensorBoardLogger(run_dir / "tb"), EarlyStopping(cfg.train.patience)]
-    trainer = Trainer(model=net, task=task, optimizer=opt, scheduler=sched, sched_per_step=per_step,
-                      train_loader=train_loader, val_loader=val_loader, epochs=cfg.train.epochs, device=device,
-                      amp_dtype=dtype, grad_accum=cfg.train.grad_accum, clip_grad=cfg.train.clip_grad, ema=ema,
-                      mix_fn=build_batch_mix(cfg.aug, len(classes)), monitor=monitor,
+                 TensorBoardLogger(run_dir / "tb"), EarlyStopping(cfg.train.patience), *s.callbacks]
+    trainer = Trainer(model=net, task=s.task, optimizer=s.opt, scheduler=sched, sched_per_step=per_step,
+                      train_loader=train_loader, val_loader=val_loader, epochs=epochs, device=device,
+                      amp_dtype=dtype, grad_accum=cfg.train.grad_accum, clip_grad=cfg.train.clip_grad, ema=s.ema,
+                      mix_fn=None if probe else build_batch_mix(cfg.aug, len(classes)), monitor=monitor,
                       save_every=cfg.train.save_every, run_dir=run_dir, meta=meta, callbacks=callbacks,
-                      tta=cfg.train.tta, compiled=compiled)
+                      tta=cfg.train.tta and not probe, forward_model=s.forward_model, epoch_checkpoints=not probe)
     if ckpt is not None:
-        same_length = ckpt["config"]["train"]["epochs"] == cfg.train.epochs
+        same_length = probe or ckpt["config"]["train"]["epochs"] == cfg.train.epochs
         trainer.load_state(ckpt if same_length else {**ckpt, "scheduler": None})
         st = trainer.state
         if not same_length and sched is not None and per_step:
             # a longer (or shorter) run: the schedule of the new length, fast-forwarded to where training stands
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                for _ in range(min(st.step, cfg.train.epochs * steps_per_epoch - 1)):
+                for _ in range(min(st.step, epochs * steps_per_epoch - 1)):
                     sched.step()
         print(f"resuming {run_dir} at epoch {st.epoch + 1}, batch {st.batch} (step {st.step})", file=sys.stderr)
     elif not cfg.train.quiet:
         print(f"run directory: {run_dir}", file=sys.stderr)
 
     t0 = time.perf_counter()
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:  # worker processes end with the run, not at some later garbage collection
+        for ld in (train_loader, val_loader):
+            if ld is not None:
+                ld.close()
     summary = summarize(trainer, bundle, cfg, pre, device, time.perf_counter() - t0)
+    summary["finetune"] = decision.to_dict()
     _write(run_dir / "summary.json", summary)
     return Run(run_dir, summary, cfg)
+
+
+def choose_finetune(cfg: Config, net: torch.nn.Module, bundle, clean, pretrained: bool):
+    """The run's fine-tuning strategy: as asked, or (auto) from the data's size and its distance from the
+    pretraining domain, measured on up to 64 training images. Printed, and recorded in finetune.json."""
+    from . import finetune as ft
+    s, n = cfg.finetune.strategy, len(bundle.train)
+    if s != "auto":
+        why = "asked for" + ("" if pretrained or s == "none" else "; note: the weights are random, not pretrained")
+        d = ft.Decision(s, f"--finetune {s} ({why})", n)
+    elif not pretrained:
+        d = ft.Decision("none", "no pretrained weights (--pretrained / --weights): everything trains", n)
+    else:
+        batches, have = [], 0
+        gen = clean.epoch(0)
+        for x, _ in gen:
+            batches.append(x[:64 - have])
+            have += len(batches[-1])
+            if have >= 64:
+                break
+        gen.close()
+        d = ft.decide(n, ft.domain_shift(net, batches))
+    if not cfg.train.quiet or (s == "auto" and pretrained):  # an automatic decision is always shown
+        print(f"finetune: {d.reason}", file=sys.stderr)
+    return d
+
+
+def lr_find(data: str | None = None, model: str | None = None, *, recipe: str | None = None,
+            config: str | None = None, out: str | None = None, overrides: dict[str, Any] | None = None,
+            start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100, **kw: Any) -> tuple[Path, Any]:
+    """LR range test with the run's own set-up (data, model, fine-tuning strategy and its param groups, at the
+    strategy's first epoch); writes lr_find.png and lr_find.json in a fresh directory and returns (dir, result).
+
+    Example::
+
+        d, res = lr_find("digits", "lenet", num_steps=50)
+        res.suggestion
+    """
+    from . import finetune as ft
+    from .engine.lr_find import lr_find as sweep
+    from .engine.lr_find import plot_lr_find
+
+    cfg, _ = _resolve(data, model, recipe, config, None, overrides, kw)
+    s = _setup(cfg, None)
+    for cb in s.callbacks:  # the strategy's freezing for the first epoch
+        if isinstance(cb, ft.Freezer):
+            ft.freeze(s.net, cb.groups, ft.trainable_stages(cb.strategy, 0, s.epochs, len(cb.groups.stages), cb.cfg))
+    try:
+        res = sweep(s.forward_model or s.net, s.task, s.train_loader, s.opt, start_lr=start_lr, end_lr=end_lr,
+                    num_steps=num_steps, amp_dtype=s.dtype, device=s.device)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"lr-find could not run: {(str(e).splitlines() or [''])[0]}") from None
+    finally:
+        for ld in (s.train_loader, s.val_loader):
+            if ld is not None and hasattr(ld, "close"):
+                ld.close()
+    run_dir = new_run_dir(out, f"lr-find-{s.model_cfg['name'].split(':')[-1]}-{Path(str(s.bundle.name)).name}")
+    plot_lr_find(res, run_dir / "lr_find.png")
+    _write(run_dir / "lr_find.json", {**res.to_dict(), "strategy": s.decision.strategy, "config": cfg.to_dict()})
+    return run_dir, res
 
 
 def summarize(trainer: Trainer, bundle, cfg: Config, pre: dict, device, wall: float) -> dict:
@@ -284,14 +447,14 @@ def summarize(trainer: Trainer, bundle, cfg: Config, pre: dict, device, wall: fl
     best = next((r for r in hist if r["epoch"] == st.best_epoch), hist[-1] if hist else {})
     out = {"best": {**best, "monitor": trainer.monitor}, "final": hist[-1] if hist else {},
            "epochs_run": len(hist), "stopped_early": st.stop, "wall_seconds": wall, "run_dir": str(trainer.run_dir),
-           "n_train": trainer.train_loader.num_samples, "n_val": trainer.val_loader.num_samples if trainer.val_loader
-           else 0}
-    if bundle.test is not None and len(bundle.test):
+           "n_train": len(bundle.train), "n_val": len(bundle.val) if bundle.val is not None else 0}
+    if bundle.test is not None and len(bundle.test):  # with the full model on images (also after a linear probe)
         best_ckpt = load_checkpoint(trainer.run_dir / "best.pt")
         model = trainer.ema.module if trainer.ema is not None else trainer.model
         model.load_state_dict(best_ckpt["ema"] if best_ckpt.get("ema") is not None else best_ckpt["model"])
-        res = evaluate(model, trainer.task, _loader(bundle.test, cfg, pre, device, False), trainer.autocast,
-                       tta=cfg.train.tta)
+        loader = _loader(bundle.test, cfg, pre, device, False)
+        res = evaluate(model, trainer.task, loader, trainer.autocast, tta=cfg.train.tta)
+        loader.close()
         out["test"] = {k: res[k] for k in ("acc1", "acc5", "loss", "n")}
     return out
 
@@ -305,6 +468,12 @@ def _model_from_checkpoint(ckpt: dict, device: torch.device) -> torch.nn.Module:
                        **cfg["model"]["kwargs"])
     net.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
     return net.to(device).eval()
+
+
+def _autocast(cfg: Config, device: torch.device):
+    """The run's autocast, for eval and predict: the numbers they give match those training reported."""
+    dtype = amp_dtype(cfg.train.amp, device) if not (cfg.train.amp == "fp16" and device.type == "cpu") else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, split: str = "val", device: str = "auto",
@@ -332,7 +501,9 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "val", device: 
         raise ConfigError(f"{data} has no {split!r} split; it has: {', '.join(have)}")
     net = _model_from_checkpoint(ckpt, dev)
     task = ClassificationTask(len(bundle.classes))
-    res = evaluate(net, task, _loader(ds, cfg, ckpt["preprocess"], dev, False), full=True)
+    loader = _loader(ds, cfg, ckpt["preprocess"], dev, False)
+    res = evaluate(net, task, loader, _autocast(cfg, dev), full=True)
+    loader.close()
     res.update(split=split, checkpoint=ckpt["path"], classes=list(bundle.classes))
     return res
 
@@ -353,6 +524,7 @@ class Predictor:
         self.classes: list[str] = list(ckpt["classes"])
         self.preprocess: dict = ckpt["preprocess"]
         self.model = _model_from_checkpoint(ckpt, self.device)
+        self.autocast = _autocast(resolve_config(base=ckpt["config"]), self.device)
         pre = self.preprocess
         self.transform = build_eval_transform(tuple(pre["input_size"]), pre["mean"], pre["std"],
                                               crop_pct=pre["crop_pct"], interpolation=pre["interpolation"])
@@ -373,7 +545,8 @@ class Predictor:
         out = []
         for i in range(0, len(images), batch_size):
             x = torch.stack(images[i:i + batch_size]).to(self.device)
-            probs = self.model(x).float().softmax(1)
+            with self.autocast():
+                probs = self.model(x).float().softmax(1)
             p, idx = probs.topk(k, dim=1)
             for j in range(len(x)):
                 out.append({"path": str(paths[i + j]), "topk": [{"label": self.classes[c], "prob": float(v)}

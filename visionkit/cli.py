@@ -11,6 +11,21 @@ from pathlib import Path
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a classifier", description="Train an image classifier.")
+    _run_args(p)
+    p.add_argument("--resume", help="run directory or checkpoint to continue")
+    p.add_argument("--save-every", type=int, help="also checkpoint every N optimizer steps (mid-epoch resume)")
+
+    p = sub.add_parser("lr-find", help="learning-rate range test: loss-vs-lr plot and a suggested lr",
+                       description="Sweep the lr exponentially over a few batches with the run's own set-up, plot loss "
+                                   "against lr (lr_find.png in the run dir) and print the suggested lr.")
+    _run_args(p)
+    p.add_argument("--start-lr", type=float, default=1e-7)
+    p.add_argument("--end-lr", type=float, default=10.0)
+    p.add_argument("--steps", type=int, default=100, help="sweep length in batches")
+
+
+def _run_args(p) -> None:
+    """The options train and lr-find share: what to train, on what, and how."""
     p.add_argument("--data", help="folder, CSV file or built-in name (see `visionkit datasets`)")
     p.add_argument("--model", help="model name (see `visionkit models`)")
     g = p.add_mutually_exclusive_group()
@@ -20,12 +35,16 @@ def _train_parser(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--out", help="run directory (default runs/<model>-<data>-<n>; never overwritten)")
-    p.add_argument("--resume", help="run directory or checkpoint to continue")
     p.add_argument("--seed", type=int)
     p.add_argument("--deterministic", action="store_true", default=None)
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--pretrained", action="store_true", default=None)
-    p.add_argument("--save-every", type=int, help="also checkpoint every N optimizer steps (mid-epoch resume)")
+    p.add_argument("--pretrained", action="store_true", default=None,
+                   help="start from the model's ImageNet weights (torchvision DEFAULT, timm's tag, packaged Lite0-2)")
+    p.add_argument("--weights", metavar="FILE", help="start from local weights: state dict, .safetensors or a "
+                   "visionkit checkpoint (a head of another size is re-initialised)")
+    p.add_argument("--weights-strict", choices=["true", "false"], help="false: load what fits and list the rest")
+    p.add_argument("--finetune", choices=["auto", "none", "linear-probe", "full", "partial", "staged", "gradual"],
+                   help="what trains when (default auto: chosen from the data when starting from pretrained weights)")
     p.add_argument("--bad-images", choices=["fail", "skip"])
     p.add_argument("--val-split", type=float)
     p.add_argument("--img-size", type=int)
@@ -64,19 +83,38 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def cmd_train(a) -> int:
-    from .api import train
+def _run_overrides(a) -> dict:
     from .config import parse_set
     flat = parse_set(a.set)
-    for flag, key in [("pretrained", "model.pretrained"), ("img_size", "data.img_size")]:
+    for flag, key in [("pretrained", "model.pretrained"), ("img_size", "data.img_size"), ("weights", "model.weights"),
+                      ("weights_strict", "model.weights_strict"), ("finetune", "finetune.strategy")]:
         if getattr(a, flag) is not None:
             flat[key] = getattr(a, flag)
-    if a.data is None and a.resume is None and a.config is None and "data.source" not in flat:
+    if a.data is None and getattr(a, "resume", None) is None and a.config is None and "data.source" not in flat:
         raise SystemExit("error: --data is required (a folder, a CSV file or a built-in name; see `visionkit datasets`)")
-    run = train(a.data, a.model, recipe=a.recipe, config=a.config, out=a.out, resume=a.resume, overrides=flat,
-                epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device, quiet=a.quiet,
-                deterministic=a.deterministic, save_every=a.save_every, val_split=a.val_split,
-                bad_images=a.bad_images)
+    return flat
+
+
+def _shortcuts(a) -> dict:
+    return {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed, "device": a.device,
+            "quiet": a.quiet, "deterministic": a.deterministic, "val_split": a.val_split, "bad_images": a.bad_images}
+
+
+def cmd_lr_find(a) -> int:
+    from .api import lr_find
+    run_dir, res = lr_find(a.data, a.model, recipe=a.recipe, config=a.config, out=a.out, overrides=_run_overrides(a),
+                           start_lr=a.start_lr, end_lr=a.end_lr, num_steps=a.steps, **_shortcuts(a))
+    others = ", ".join(f"{k} {v:.2e}" for k, v in res.suggestions.items() if k != "valley")
+    print(f"suggested lr {res.suggestion:.2e} (valley; {others}); plot: {run_dir / 'lr_find.png'}")
+    if res.stopped_early:
+        print(f"the loss diverged at lr {res.lrs[-1]:.2e}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(a) -> int:
+    from .api import train
+    run = train(a.data, a.model, recipe=a.recipe, config=a.config, out=a.out, resume=a.resume,
+                overrides=_run_overrides(a), save_every=a.save_every, **_shortcuts(a))
     s = run.summary
     best = s.get("best", {})
     line = f"done: {run.dir}  best epoch {best.get('epoch')}"
@@ -146,8 +184,10 @@ def cmd_models(a) -> int:
         return 1
     shown = []
     for r in rows:
-        bare = r["name"].split(":", 1)[1]
-        if r["resolves_to"] == r["name"]:
+        bare = r["name"].split(":")[-1]
+        if r["source"] == "packaged":
+            shown.append((bare, r["resolves_to"], r.get("description", "")))
+        elif r["resolves_to"] == r["name"]:
             shown.append((bare, r["name"], r.get("description", "")))
         else:
             shown.append((r["name"], r["name"], f"(bare '{bare}' is {r['resolves_to']}) " + r.get("description", "")))
@@ -195,7 +235,7 @@ def cmd_demo(a) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models,
+COMMANDS = {"train": cmd_train, "lr-find": cmd_lr_find, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models,
             "recipes": cmd_recipes, "datasets": cmd_datasets, "demo": cmd_demo}
 
 

@@ -33,7 +33,6 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int | None = None  # None: 2 x batch_size
     workers: int | None = None  # DataLoader workers for image files; None: min(4, cpus)
-    backend: str = "auto"  # auto | tensor | files. tensor: whole set as one uint8 tensor, batched augmentation
     balance: str = "none"  # none | loss (class-weighted loss) | sampler (weighted sampler)
     root: str | None = None  # where built-ins look for local copies (default: $VISIONKIT_DATA, then ~/.cache)
     download: bool = True  # built-ins: download when no local copy is found
@@ -61,12 +60,31 @@ class AugConfig:
 class ModelConfig:
     name: str = "resnet18"  # own name, tv:NAME, timm:NAME or a bare name resolved own -> torchvision -> timm
     pretrained: bool = False
-    weights: str | None = None  # local weights file
+    weights: str | None = None  # local weights: state dict, safetensors or visionkit checkpoint (instead of pretrained)
+    weights_strict: bool = True  # refuse a weights file with missing/unexpected/mis-shaped tensors (a head is adapted)
     drop_rate: float = 0.0  # dropout before the classifier
     drop_path_rate: float = 0.0  # stochastic depth (models that support it)
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model factory
+
+
+@dataclass
+class FinetuneConfig:
+    # auto: chosen from the data (size, distance from the pretraining domain) when the model starts from pretrained
+    # weights, else none. none: everything trains at optim.lr. linear-probe: frozen backbone, head trained on cached
+    # features. full: everything trains, discriminative lrs. partial: the top train_fraction of the stages trains.
+    # staged: head, then + last stage, then all. gradual: one more stage from the top every unfreeze_every epochs.
+    strategy: str = "auto"
+    lr_mult: tuple[float, float] = (0.01, 0.1)  # CNNs: lr multipliers of the early and late half of the body (head 1)
+    layer_decay: float | None = None  # lr multiplier per block from the head; None: 0.75 for transformers, else off
+    train_fraction: float = 0.5  # partial: fraction of the body's stages that train, from the top
+    stage_epochs: tuple[float, float] = (0.2, 0.2)  # staged: fractions of the epochs with the head only, then + last
+    unfreeze_every: int = 1  # gradual: epochs between unfreezing one more stage
+    probe_copies: int = 2  # linear-probe: augmented copies of the train set in the feature cache (besides a clean one)
+    probe_epochs: int = 30  # linear-probe: epochs over the cached features (each takes milliseconds)
+    probe_lr: float = 0.003  # linear-probe: head lr (AdamW, cosine)
+    probe_weight_decay: float = 0.0001  # linear-probe: head weight decay
 
 
 @dataclass
@@ -101,7 +119,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
+    amp: str = "auto"  # auto (bf16/fp16 on CUDA; bf16 on CPUs with native bf16, else off) | off | bf16 | fp16
     grad_accum: int = 1
     clip_grad: float = 0.0  # max gradient norm (0: off)
     label_smoothing: float = 0.0
@@ -123,6 +141,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -131,14 +150,17 @@ class Config:
         return _to_plain(dataclasses.asdict(self))
 
 
+# keys older checkpoints may hold that no longer exist (data.backend: never read; the data source decides the path)
+RETIRED_KEYS = {"data.backend"}
+
 CHOICES = {
     "data.bad_images": ("fail", "skip"),
-    "data.backend": ("auto", "tensor", "files"),
     "data.balance": ("none", "loss", "sampler"),
     "aug.preset": ("none", "basic", "standard", "randaugment", "autoaugment", "trivialaugment"),
     "aug.backend": ("torchvision", "albumentations"),
     "aug.interpolation": ("nearest", "bilinear", "bicubic"),
     "optim.name": ("sgd", "adamw", "adam"),
+    "finetune.strategy": ("auto", "none", "linear-probe", "full", "partial", "staged", "gradual"),
     "sched.name": ("constant", "cosine", "linear", "onecycle", "step", "multistep", "cosine_restarts", "plateau"),
     "train.amp": ("auto", "off", "bf16", "fp16"),
     "task": ("classification",),
@@ -277,7 +299,9 @@ def resolve_config(recipe: str | None = None, config_file: str | None = None,
     ``base`` (a resolved config dict, e.g. from a checkpoint) replaces the defaults when given.
     """
     cfg = Config()
-    if base:
+    if base:  # a checkpoint's config: keys retired since it was written are dropped
+        base = {sec: ({k: v for k, v in val.items() if f"{sec}.{k}" not in RETIRED_KEYS} if isinstance(val, dict)
+                      else val) for sec, val in base.items()}
         _apply(cfg, base)
     if recipe:
         _apply(cfg, load_yaml(recipe_path(recipe)))
@@ -300,6 +324,15 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.train.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
         (0 < cfg.train.ema_decay < 1, "train.ema_decay must be in (0, 1)"),
         (cfg.train.save_every >= 0, "train.save_every must be >= 0"),
+        (0 < cfg.finetune.train_fraction <= 1, "finetune.train_fraction must be in (0, 1]"),
+        (cfg.finetune.unfreeze_every >= 1, "finetune.unfreeze_every must be >= 1"),
+        (cfg.finetune.probe_copies >= 0 and cfg.finetune.probe_epochs >= 1,
+         "finetune.probe_copies must be >= 0 and finetune.probe_epochs >= 1"),
+        (cfg.finetune.layer_decay is None or 0 < cfg.finetune.layer_decay <= 1, "finetune.layer_decay must be in (0, 1]"),
+        (all(0 < m <= 1 for m in cfg.finetune.lr_mult) and len(cfg.finetune.lr_mult) == 2,
+         "finetune.lr_mult must be two multipliers in (0, 1] (early half, late half of the body)"),
+        (len(cfg.finetune.stage_epochs) == 2 and sum(cfg.finetune.stage_epochs) < 1 and min(cfg.finetune.stage_epochs) >= 0,
+         "finetune.stage_epochs must be two fractions >= 0 that sum to less than 1"),
     ]
     for ok, msg in checks:
         if not ok:

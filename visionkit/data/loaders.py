@@ -15,6 +15,7 @@ import contextlib
 import math
 import os
 import random
+import weakref
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -113,6 +114,9 @@ class Loader:
             return torch.multinomial(self.sampler_weights, self.num_samples, replacement=True, generator=g)
         return torch.randperm(self.num_samples, generator=g)
 
+    def close(self) -> None:
+        """Release worker processes now (a no-op without workers); the loader still works afterwards."""
+
     def _finish(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -167,7 +171,9 @@ class _EpochBatches:
     """Batch sampler yielding ``[(epoch, position, index), ...]``; epoch/start are set before each iteration."""
 
     def __init__(self, loader: FileLoader) -> None:
-        self.loader, self.epoch, self.start = loader, 0, 0
+        # a weak reference: no loader <-> sampler cycle, so a dropped loader is freed (and its worker processes shut
+        # down) at once, by this process, instead of by a later garbage collection that may run in a forked worker
+        self.loader, self.epoch, self.start = weakref.proxy(loader), 0, 0
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         order, bs = self.loader.order(self.epoch).tolist(), self.loader.batch_size
@@ -200,7 +206,7 @@ class FileLoader(Loader):
     """Image files through a DataLoader with persistent workers; mid-epoch start slices the index list."""
 
     def __init__(self, ds: ImageFiles, *, input_size: tuple[int, int, int], mean, std, aug,
-                 workers: int | None, **kw) -> None:
+                 workers: int | None, crop_pct: float = 0.875, interpolation: str | None = None, **kw) -> None:
         super().__init__(len(ds), **kw)
         from visionkit.transforms import build_eval_transform, build_train_transform
 
@@ -208,14 +214,22 @@ class FileLoader(Loader):
         if augment:
             tf = build_train_transform(aug, input_size, mean, std)
         else:
-            interp = getattr(aug, "interpolation", "bilinear") if aug is not None else "bilinear"
-            tf = build_eval_transform(input_size, mean, std, crop_pct=0.875, interpolation=interp)
+            interp = interpolation or getattr(aug, "interpolation", None) or "bilinear"
+            tf = build_eval_transform(input_size, mean, std, crop_pct=crop_pct, interpolation=interp)
         workers = min(4, os.cpu_count() or 1) if workers is None else workers
         self.batches = _EpochBatches(self)
         self.dl = DataLoader(_SeededTransform(ds, tf, self.seed, augment),
                              batch_sampler=self.batches, num_workers=workers, persistent_workers=workers > 0,
                              pin_memory=self.device.type == "cuda",
                              generator=torch.Generator().manual_seed(self.seed))  # keeps the global RNG untouched
+
+    def close(self) -> None:
+        # A loader dropped with live persistent workers is shut down by the garbage collector, at a moment no one
+        # chooses: possibly inside another loader's freshly forked worker, where it stalls for seconds and warns.
+        it = getattr(self.dl, "_iterator", None)
+        if it is not None:
+            it._shutdown_workers()
+            self.dl._iterator = None
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         self.batches.epoch, self.batches.start = epoch, start
@@ -229,10 +243,13 @@ class FileLoader(Loader):
 def make_loader(ds: Dataset, *, batch_size: int, train: bool, seed: int, device: torch.device | str,
                 input_size: tuple[int, int, int], mean: Sequence[float], std: Sequence[float], aug=None,
                 channels_last: bool = False, workers: int | None = None, drop_last: bool | None = None,
-                sampler_weights: Tensor | Sequence[float] | None = None) -> Loader:
+                sampler_weights: Tensor | Sequence[float] | None = None, crop_pct: float = 0.875,
+                interpolation: str | None = None) -> Loader:
     """A Loader for ``ds``: the tensor fast path for TensorImages, a worker DataLoader for ImageFiles.
 
     ``aug`` (an AugConfig) applies only when ``train``; eval loaders never shuffle, augment or drop batches.
+    ``crop_pct`` and ``interpolation`` are the model's eval preprocessing for image files (resize to
+    size / crop_pct, centre crop), the same as prediction uses.
 
     Example::
 
@@ -246,5 +263,6 @@ def make_loader(ds: Dataset, *, batch_size: int, train: bool, seed: int, device:
     if isinstance(ds, TensorImages):
         return TensorLoader(ds, input_size=tuple(input_size), mean=mean, std=std, aug=aug, **kw)
     if isinstance(ds, ImageFiles):
-        return FileLoader(ds, input_size=tuple(input_size), mean=mean, std=std, aug=aug, workers=workers, **kw)
+        return FileLoader(ds, input_size=tuple(input_size), mean=mean, std=std, aug=aug, workers=workers,
+                          crop_pct=crop_pct, interpolation=interpolation, **kw)
     raise TypeError(f"make_loader expects TensorImages or ImageFiles, got {type(ds).__name__}")

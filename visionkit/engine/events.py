@@ -96,13 +96,16 @@ class Progress(Callback):
         n = max(int(r["n"]), 1)
         ips = (r["n"] - self.n0) / max(time.perf_counter() - self.t0, 1e-9)
         self.bar.set_postfix(loss=f"{float(r['loss_sum']) / n:.4f}", acc=f"{float(r['correct']) / n:.3f}",
-                             lr=f"{trainer.opt.param_groups[0]['lr']:.2e}", img_s=f"{ips:.0f}", refresh=False)
+                             lr=f"{trainer.lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
         self.bar.update(batch - self.bar.n)
 
     def on_epoch_end(self, trainer, row: dict) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        every = -(-trainer.epochs // 20)  # at most ~20 lines (a linear probe runs many epochs of milliseconds)
+        if row["epoch"] % every and row["epoch"] not in (1, trainer.epochs):
+            return
         parts = [f"epoch {row['epoch']}/{trainer.epochs}", f"train_loss {row['train_loss']:.4f}",
                  f"train_acc {row['train_acc']:.4f}"]
         if "val_acc1" in row:

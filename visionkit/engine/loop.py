@@ -48,14 +48,19 @@ class Trainer:
                  amp_dtype: torch.dtype | None = None, grad_accum: int = 1, clip_grad: float = 0.0, ema=None,
                  mix_fn: Callable | None = None, monitor: str = "val_acc1", save_every: int = 0,
                  run_dir: str | Path | None = None, meta: dict | None = None, callbacks: list[Callback] = (),
-                 tta: bool = False, compiled: nn.Module | None = None):
+                 tta: bool = False, forward_model: nn.Module | None = None, epoch_checkpoints: bool = True):
         self.model, self.task, self.opt, self.sched = model, task, optimizer, scheduler
-        self.forward_model = compiled or model  # torch.compile wrapper when asked; state is saved from `model`
+        # what batches go through: the model itself, its torch.compile wrapper, or (linear probe) just its head on
+        # cached features. Checkpoints always hold `model`.
+        self.forward_model = forward_model or model
         self.sched_per_step = sched_per_step
         self.train_loader, self.val_loader = train_loader, val_loader
         self.epochs, self.device, self.amp_dtype = epochs, device, amp_dtype
         self.grad_accum, self.clip_grad, self.ema, self.mix_fn = grad_accum, clip_grad, ema, mix_fn
         self.monitor, self.save_every, self.tta = monitor, save_every, tta
+        # False: last.pt only when fit ends (epochs of milliseconds, e.g. a linear probe, would spend their time
+        # writing checkpoints); best.pt is still written whenever the monitored metric improves
+        self.epoch_checkpoints = epoch_checkpoints
         self.run_dir = Path(run_dir) if run_dir else None
         self.meta = meta or {}  # config, classes, model cfg: stored in every checkpoint
         self.callbacks = list(callbacks)
@@ -75,6 +80,11 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     @property
+    def lr(self) -> float:
+        """The current lr of the fastest param group (the head's, with discriminative lrs)."""
+        return max(g["lr"] for g in self.opt.param_groups)
+
+    @property
     def eval_model(self) -> nn.Module:
         """The weights we evaluate and keep: the EMA copy when EMA is on."""
         return self.ema.module if self.ema is not None else self.forward_model
@@ -84,7 +94,6 @@ class Trainer:
         self.fire("on_fit_start")
         try:
             while self.state.epoch < self.epochs and not self.state.stop:
-                self.fire("on_epoch_start")
                 self.train_one_epoch()
                 row = self.end_epoch()
                 self.fire("on_epoch_end", row=row)
@@ -93,12 +102,15 @@ class Trainer:
             self.save("last.pt")
             self.fire("on_interrupt")
             raise
+        if not self.epoch_checkpoints:
+            self.save("last.pt")
         self.fire("on_fit_end")
         return self.state.history[-1] if self.state.history else {}
 
     def train_one_epoch(self) -> None:
         st, model, loader = self.state, self.forward_model, self.train_loader
         model.train()
+        self.fire("on_epoch_start")  # after train(): callbacks may put frozen layers back in eval mode
         t0 = time.perf_counter() - st.running["time"]
         n_batches = len(loader)
         for i, (x, y) in enumerate(loader.epoch(st.epoch, start=st.batch), start=st.batch):
@@ -145,7 +157,7 @@ class Trainer:
         st = self.state
         r = st.running
         n = max(int(r["n"]), 1)
-        row = {"epoch": st.epoch + 1, "lr": self.opt.param_groups[0]["lr"],
+        row = {"epoch": st.epoch + 1, "lr": self.lr,
                "train_loss": float(r["loss_sum"]) / n, "train_acc": float(r["correct"]) / n}
         if self.val_loader is not None:
             val = self.evaluate(self.val_loader)
@@ -166,7 +178,8 @@ class Trainer:
         st.epoch += 1
         st.batch = 0
         st.running = {"loss_sum": 0.0, "correct": 0, "n": 0, "time": 0.0}
-        self.save("last.pt")
+        if self.epoch_checkpoints:
+            self.save("last.pt")
         if improved:
             self.save("best.pt")
         return row

@@ -6,6 +6,8 @@ ones are converted to steps) except reduce-on-plateau, which by nature steps onc
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from timm.optim import create_optimizer_v2
 from torch.optim import lr_scheduler as S
@@ -39,8 +41,9 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, s
     if cfg.name == "onecycle":  # its own warmup (pct_start) and annealing; also cycles momentum
         max_lrs = [g["lr"] for g in opt.param_groups]
         return S.OneCycleLR(opt, max_lr=max_lrs, total_steps=total, pct_start=cfg.pct_start), True
-    if cfg.name == "cosine":
-        main = S.CosineAnnealingLR(opt, T_max=max(1, total - warm), eta_min=cfg.min_lr * lr)
+    if cfg.name == "cosine":  # relative to each group's own lr (CosineAnnealingLR's eta_min is one absolute value)
+        span, floor = max(1, total - warm), cfg.min_lr
+        main = S.LambdaLR(opt, lambda s: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(s, span) / span)))
     elif cfg.name == "linear":  # straight down to min_lr (airbench-style triangle with the warmup)
         main = S.LinearLR(opt, start_factor=1.0, end_factor=cfg.min_lr, total_iters=max(1, total - warm))
     elif cfg.name in ("step", "multistep"):
@@ -49,7 +52,7 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, s
         main = S.MultiStepLR(opt, milestones=[max(1, m * spe - warm) for m in epochs_at], gamma=cfg.gamma)
     elif cfg.name == "cosine_restarts":
         main = S.CosineAnnealingWarmRestarts(opt, T_0=cfg.restart_epochs * spe, T_mult=cfg.restart_mult,
-                                             eta_min=cfg.min_lr * lr)
+                                             eta_min=cfg.min_lr * min(g["lr"] for g in opt.param_groups))
     else:  # constant
         main = S.ConstantLR(opt, factor=1.0, total_iters=0)
     if warm <= 0:

