@@ -137,7 +137,7 @@ def preprocess_for(cfg: Config, bundle, model_cfg: dict) -> dict:
     if len(mean) != c:  # e.g. ImageNet RGB statistics for a grey model: use their average
         mean, std = [sum(mean) / len(mean)] * c, [sum(std) / len(std)] * c
     # built-in tensor data sets are whole images, resized and never centre-cropped: predict must do the same
-    crop = 1.0 if bundle.native_size else model_cfg.get("crop_pct", 0.875)
+    crop = cfg.data.crop_pct or (1.0 if bundle.native_size else model_cfg.get("crop_pct", 0.875))
     return {"input_size": [c, size, size], "mean": mean, "std": std,
             "interpolation": model_cfg.get("interpolation", "bilinear"), "crop_pct": crop}
 
@@ -145,9 +145,12 @@ def preprocess_for(cfg: Config, bundle, model_cfg: dict) -> dict:
 def _loader(ds, cfg: Config, pre: dict, device, train: bool, sampler_weights=None):
     from .data import make_loader
     bs = cfg.data.batch_size if train else (cfg.data.eval_batch_size or 2 * cfg.data.batch_size)
+    aug = cfg.aug
+    if aug.interpolation == "model":  # train-time resizing as the model's eval preprocessing does it
+        aug = dataclasses.replace(aug, interpolation=pre["interpolation"])
     return make_loader(ds, batch_size=bs, train=train, seed=cfg.train.seed, device=device,
                        input_size=tuple(pre["input_size"]), mean=pre["mean"], std=pre["std"],
-                       aug=cfg.aug if train else None, channels_last=cfg.model.channels_last,
+                       aug=aug if train else None, channels_last=cfg.model.channels_last,
                        workers=cfg.data.workers, sampler_weights=sampler_weights, crop_pct=pre["crop_pct"],
                        interpolation=pre["interpolation"])
 

@@ -29,6 +29,7 @@ class DataConfig:
     source: str = "digits"  # folder, CSV file or built-in name (fashion-mnist, mnist, cifar10, cifar100, digits, fake)
     val_split: float = 0.2  # held-out fraction of train when the data has no val split (0 allowed)
     img_size: int | None = None  # None: native size for built-ins, the model's input size for image files
+    crop_pct: float | None = None  # eval: resize to img_size / crop_pct, centre-crop img_size. None: the model's own
     bad_images: str = "fail"  # fail | skip
     batch_size: int = 128
     eval_batch_size: int | None = None  # None: 2 x batch_size
@@ -53,7 +54,7 @@ class AugConfig:
     mix_prob: float = 1.0  # probability that a batch is mixed at all
     switch_prob: float = 0.5  # with both on: probability of CutMix rather than MixUp
     backend: str = "torchvision"  # torchvision | albumentations (image files only)
-    interpolation: str = "bilinear"  # resize interpolation
+    interpolation: str = "model"  # resize interpolation: model (the model's own, e.g. bicubic for timm) or a mode
 
 
 @dataclass
@@ -81,7 +82,8 @@ class FinetuneConfig:
     train_fraction: float = 0.5  # partial: fraction of the body's stages that train, from the top
     stage_epochs: tuple[float, float] = (0.2, 0.2)  # staged: fractions of the epochs with the head only, then + last
     unfreeze_every: int = 1  # gradual: epochs between unfreezing one more stage
-    probe_copies: int = 2  # linear-probe: augmented copies of the train set in the feature cache (besides a clean one)
+    probe_copies: int = 0  # linear-probe: augmented copies of the train set in the cache besides the clean one (on
+    # ants/bees 2 copies with the finetune recipe's crops cost 1.4 points of held-out accuracy: benchmarks/RESULTS.md)
     probe_epochs: int = 30  # linear-probe: epochs over the cached features (each takes milliseconds)
     probe_lr: float = 0.003  # linear-probe: head lr (AdamW, cosine)
     probe_weight_decay: float = 0.0001  # linear-probe: head weight decay
@@ -158,7 +160,7 @@ CHOICES = {
     "data.balance": ("none", "loss", "sampler"),
     "aug.preset": ("none", "basic", "standard", "randaugment", "autoaugment", "trivialaugment"),
     "aug.backend": ("torchvision", "albumentations"),
-    "aug.interpolation": ("nearest", "bilinear", "bicubic"),
+    "aug.interpolation": ("model", "nearest", "bilinear", "bicubic"),
     "optim.name": ("sgd", "adamw", "adam"),
     "finetune.strategy": ("auto", "none", "linear-probe", "full", "partial", "staged", "gradual"),
     "sched.name": ("constant", "cosine", "linear", "onecycle", "step", "multistep", "cosine_restarts", "plateau"),
@@ -324,6 +326,7 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.train.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
         (0 < cfg.train.ema_decay < 1, "train.ema_decay must be in (0, 1)"),
         (cfg.train.save_every >= 0, "train.save_every must be >= 0"),
+        (cfg.data.crop_pct is None or 0 < cfg.data.crop_pct <= 1, "data.crop_pct must be in (0, 1]"),
         (0 < cfg.finetune.train_fraction <= 1, "finetune.train_fraction must be in (0, 1]"),
         (cfg.finetune.unfreeze_every >= 1, "finetune.unfreeze_every must be >= 1"),
         (cfg.finetune.probe_copies >= 0 and cfg.finetune.probe_epochs >= 1,

@@ -39,6 +39,8 @@ def is_small(size: Sequence[int]) -> bool:
 
 
 def _interp(name: str) -> v2.InterpolationMode:
+    if name == "model":  # the model's own mode, filled in by visionkit.api; without a model: bilinear
+        name = "bilinear"
     try:
         return v2.InterpolationMode(name)
     except ValueError:
@@ -184,8 +186,8 @@ def _build_albumentations(aug: AugConfig, input_size: tuple[int, int, int], mean
     c, h, w = input_size
     if len(mean) != c or len(std) != c:
         raise ValueError(f"mean/std need {c} values for {c}-channel input, got {len(mean)}/{len(std)}")
-    interp = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}[
-        aug.interpolation]
+    interp = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
+              "model": cv2.INTER_LINEAR}[aug.interpolation]
     flip = [A.HorizontalFlip(p=aug.hflip)] if aug.hflip > 0 else []
 
     def rrc(scale: Sequence[float]) -> Any:
