@@ -231,7 +231,7 @@ def _setup(cfg: Config, ckpt: dict | None) -> Setup:
     if decision is None:
         if cfg.finetune.strategy in ("auto", "linear-probe") and source:
             clean = _loader(bundle.train, cfg, pre, device, False)
-        decision = choose_finetune(cfg, net, bundle, clean, bool(source))
+        decision = choose_finetune(cfg, net, bundle, clean, bool(source), autocast)
     ftc = dataclasses.replace(cfg.finetune, **decision.settings)
     probe = decision.strategy == "linear-probe"
     epochs, optim_cfg, sched_cfg, forward_model, extra = cfg.train.epochs, cfg.optim, cfg.sched, None, []
@@ -383,7 +383,8 @@ def train(data: str | None = None, model: str | None = None, *, recipe: str | No
     return Run(run_dir, summary, cfg)
 
 
-def choose_finetune(cfg: Config, net: torch.nn.Module, bundle, clean, pretrained: bool):
+def choose_finetune(cfg: Config, net: torch.nn.Module, bundle, clean, pretrained: bool,
+                    autocast=contextlib.nullcontext):
     """The run's fine-tuning strategy: as asked, or (auto) from the data's size and its distance from the
     pretraining domain, measured on up to 64 training images. Printed, and recorded in finetune.json."""
     from . import finetune as ft
@@ -402,7 +403,7 @@ def choose_finetune(cfg: Config, net: torch.nn.Module, bundle, clean, pretrained
             if have >= 64:
                 break
         gen.close()
-        d = ft.decide(n, ft.domain_shift(net, batches))
+        d = ft.decide(n, ft.domain_shift(net, batches, autocast))
     if not cfg.train.quiet or (s == "auto" and pretrained):  # an automatic decision is always shown
         print(f"finetune: {d.reason}", file=sys.stderr)
     return d

@@ -22,6 +22,7 @@ by ``layer_decay`` (0.75) per block from the head, as in BEiT/timm's layer-wise 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -59,7 +60,8 @@ class Decision:
 
 # ------------------------------------------------------------------------------------------------ auto
 @torch.no_grad()
-def domain_shift(model: nn.Module, batches: list[torch.Tensor]) -> float | None:
+def domain_shift(model: nn.Module, batches: list[torch.Tensor], autocast: Callable = contextlib.nullcontext
+                 ) -> float | None:
     """How far ``batches`` sit from the data the model was pretrained on, read off its BatchNorm layers: the mean over
     layers and channels of |batch mean − running mean| / running std plus |log(batch var / running var)|.
 
@@ -86,7 +88,8 @@ def domain_shift(model: nn.Module, batches: list[torch.Tensor]) -> float | None:
     model.eval()
     try:
         for x in batches:
-            model(x)
+            with autocast():
+                model(x)
     finally:
         for h in handles:
             h.remove()
