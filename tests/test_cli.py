@@ -174,11 +174,17 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     assert a == b
 
 
+def _default_sigint():
+    """A shell's background job (`make test &`) starts with SIGINT ignored, and Python keeps an inherited ignore:
+    give the child the default disposition a terminal's Ctrl-C would meet."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     run = tmp_path / "run"
     p = subprocess.Popen([*VK, "train", "--data", "digits", "--model", "lenet", "--img-size", "16", "--epochs", "500",
                           "--quiet", "--out", str(run)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+                         text=True, preexec_fn=_default_sigint)  # noqa: PLW1509  (one signal() call, no locks)
     deadline = time.time() + 120
     while not (run / "metrics.csv").exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)  # an epoch has finished: we are inside the training loop

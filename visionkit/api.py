@@ -226,7 +226,10 @@ def _setup(cfg: Config, ckpt: dict | None) -> Setup:
     val_loader = _loader(bundle.val, cfg, pre, device, False) if bundle.val is not None and len(bundle.val) else None
 
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-    decision = ft.Decision(**ckpt["finetune"]) if ckpt is not None and ckpt.get("finetune") else None
+    decision = None
+    if ckpt is not None:  # a resumed run keeps its strategy; checkpoints older than strategies trained everything
+        decision = ft.Decision(**ckpt["finetune"]) if ckpt.get("finetune") else ft.Decision(
+            "none", "resumed from a checkpoint written before fine-tuning strategies existed", len(bundle.train))
     clean = None  # the train set without augmentation: for the auto decision and a linear probe's feature cache
     if decision is None:
         if cfg.finetune.strategy in ("auto", "linear-probe") and source:
