@@ -8,7 +8,7 @@ BatchNorm layers kept in eval mode so their running statistics stay those of the
 strategy        what trains
 =============== =====================================================================================================
 none            everything, at one lr (training from scratch)
-linear-probe    the head only, on features computed once (plus augmented copies) and cached: seconds on a CPU
+linear-probe    the head only, on features computed once (optionally + augmented copies) and cached: seconds on CPU
 full            everything, with discriminative lrs
 partial         the top ``train_fraction`` of the stages and the head
 staged          the head; then the last stage too; then everything (fractions ``stage_epochs`` of the epochs)
