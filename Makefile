@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PINS := torch==2.13.0 torchvision==0.28.0
 
-.PHONY: demo test venv data lint bench clean
+.PHONY: demo test venv data browser lint bench clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -25,7 +25,14 @@ data:
 demo: venv data
 	$(BIN)/visionkit demo
 
-test: venv
+# Headless Chromium opens the HTML report in tests/test_report.py (the test skips without it).
+browser:
+	@if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -q chromium >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) \
+		|| echo "note: chromium not installed; the report's browser test will skip"; fi
+
+test: venv browser
 	$(BIN)/python -m pytest -q tests
 
 lint: venv

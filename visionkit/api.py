@@ -142,6 +142,14 @@ def preprocess_for(cfg: Config, bundle, model_cfg: dict) -> dict:
             "interpolation": model_cfg.get("interpolation", "bilinear"), "crop_pct": crop}
 
 
+def build_bundle(cfg: Config):
+    """The run's data: its source split as training split it (same hold-out seed and fraction)."""
+    from .data import build_data
+    seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.train.seed
+    return build_data(cfg.data.source, val_split=cfg.data.val_split, seed=seed, bad_images=cfg.data.bad_images,
+                      root=cfg.data.root, download=cfg.data.download)
+
+
 def _loader(ds, cfg: Config, pre: dict, device, train: bool, sampler_weights=None):
     from .data import make_loader
     bs = cfg.data.batch_size if train else (cfg.data.eval_batch_size or 2 * cfg.data.batch_size)
@@ -189,7 +197,7 @@ class Setup:
 def _setup(cfg: Config, ckpt: dict | None) -> Setup:
     """Data, model (pretrained weights and the fine-tuning strategy included), loaders, optimizer and schedule."""
     from . import finetune as ft
-    from .data import build_data, class_weights
+    from .data import class_weights
     from .models import create_model
     from .tasks import ClassificationTask
 
@@ -197,8 +205,7 @@ def _setup(cfg: Config, ckpt: dict | None) -> Setup:
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     dtype = amp_dtype(cfg.train.amp, device)
 
-    bundle = build_data(cfg.data.source, val_split=cfg.data.val_split, seed=cfg.train.seed,
-                        bad_images=cfg.data.bad_images, root=cfg.data.root, download=cfg.data.download)
+    bundle = build_bundle(cfg)
     classes = list(bundle.classes)
     if ckpt is not None and list(ckpt["classes"]) != classes:
         raise CheckpointError(f"cannot resume: checkpoint has {len(ckpt['classes'])} classes "
@@ -383,7 +390,24 @@ def train(data: str | None = None, model: str | None = None, *, recipe: str | No
     summary = summarize(trainer, bundle, cfg, pre, device, time.perf_counter() - t0)
     summary["finetune"] = decision.to_dict()
     _write(run_dir / "summary.json", summary)
+    if cfg.train.report:
+        _write_report(run_dir, device, cfg.train.quiet)
     return Run(run_dir, summary, cfg)
+
+
+def _write_report(run_dir: Path, device: torch.device, quiet: bool) -> None:
+    """The run's report.html. Training has finished and its files are safe: a report that fails is a warning
+    (with the command that retries it), never a failed run."""
+    t0 = time.perf_counter()
+    try:
+        from .report import build_report
+        path = build_report(run_dir, device=str(device))
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        print(f"warning: the report could not be written ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
+              f"retry with: visionkit report {run_dir}", file=sys.stderr)
+        return
+    if not quiet:
+        print(f"report: {path} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
 
 
 def choose_finetune(cfg: Config, net: torch.nn.Module, bundle, clean, pretrained: bool,
@@ -483,84 +507,108 @@ def _autocast(cfg: Config, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
 
 
-def evaluate_checkpoint(checkpoint: str, data: str, split: str = "val", device: str = "auto",
-                        batch_size: int | None = None) -> dict:
-    """Score a checkpoint on a split of ``data`` (the split is rebuilt with the run's own seed and val fraction).
+def evaluate_checkpoint(checkpoint: str | list[str], data: str | None = None, split: str = "val",
+                        device: str = "auto", batch_size: int | None = None, ensemble: str = "mean",
+                        tta: str = "none") -> dict:
+    """Score a checkpoint, or an ensemble of several, on a split of ``data`` (rebuilt with the first run's own
+    hold-out seed and fraction; default data: that run's own).
 
-    Returns loss, acc1, acc5, n, the confusion matrix and per-class precision/recall/F1.
+    Returns loss, acc1, acc5, ece, n, the confusion matrix and per-class precision/recall/F1 of the final
+    predictions, plus each member's scores (``members``), the ensemble's (``ensemble``) and ``tta_gain`` with TTA.
+
+    Example::
+
+        evaluate_checkpoint(["a/best.pt", "b/best.pt"], "fashion-mnist", split="test", tta="flip")
     """
-    from .data import build_data
-    from .tasks import ClassificationTask
-
-    ckpt = load_checkpoint(checkpoint)
-    cfg = resolve_config(base=ckpt["config"], overrides={"data.source": data})
-    if batch_size:
-        cfg.data.eval_batch_size = batch_size
-    dev = resolve_device(device)
-    bundle = build_data(data, val_split=cfg.data.val_split, seed=cfg.train.seed, bad_images=cfg.data.bad_images,
-                        root=cfg.data.root, download=cfg.data.download)
-    if list(bundle.classes) != list(ckpt["classes"]):
-        raise ConfigError(f"the data's classes ({', '.join(bundle.classes[:6])}...) differ from the checkpoint's "
-                          f"({', '.join(ckpt['classes'][:6])}...)")
-    ds = getattr(bundle, split, None)
-    if ds is None or not len(ds):
-        have = [s for s in ("train", "val", "test") if getattr(bundle, s, None) is not None and len(getattr(bundle, s))]
-        raise ConfigError(f"{data} has no {split!r} split; it has: {', '.join(have)}")
-    net = _model_from_checkpoint(ckpt, dev)
-    task = ClassificationTask(len(bundle.classes))
-    loader = _loader(ds, cfg, ckpt["preprocess"], dev, False)
-    res = evaluate(net, task, loader, _autocast(cfg, dev), full=True)
-    loader.close()
-    res.update(split=split, checkpoint=ckpt["path"], classes=list(bundle.classes))
-    return res
+    from .evaluation import evaluate_checkpoints
+    paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
+    return evaluate_checkpoints(paths, data, split=split, ensemble=ensemble, tta=tta, device=device,
+                                batch_size=batch_size)
 
 
 class Predictor:
-    """A trained model with its own class names and eval preprocessing.
+    """A trained model (or an ensemble of several) with its own class names and eval preprocessing.
 
     Example::
 
         p = Predictor("runs/x/best.pt")
         p.predict(["cat.jpg"], topk=3)   # [{"path": "cat.jpg", "topk": [{"label": "cat", "prob": 0.97}, ...]}]
+        Predictor(["runs/x/best.pt", "runs/y/best.pt"], ensemble="mean", tta="flip").predict(["cat.jpg"])
     """
 
-    def __init__(self, checkpoint: str, device: str = "auto"):
+    def __init__(self, checkpoint: str | list[str], device: str = "auto", ensemble: str = "mean",
+                 tta: str = "none"):
+        from .evaluation import ENSEMBLES, TTA_MODES, load_members
         from .transforms import build_eval_transform
-        ckpt = load_checkpoint(checkpoint)
-        self.device = resolve_device(device)
-        self.classes: list[str] = list(ckpt["classes"])
-        self.preprocess: dict = ckpt["preprocess"]
-        self.model = _model_from_checkpoint(ckpt, self.device)
-        self.autocast = _autocast(resolve_config(base=ckpt["config"]), self.device)
-        pre = self.preprocess
-        self.transform = build_eval_transform(tuple(pre["input_size"]), pre["mean"], pre["std"],
-                                              crop_pct=pre["crop_pct"], interpolation=pre["interpolation"])
+        if ensemble not in ENSEMBLES:
+            raise ConfigError(f"unknown ensemble {ensemble!r}; choose from {', '.join(ENSEMBLES)}")
+        if tta not in TTA_MODES:
+            raise ConfigError(f"unknown tta {tta!r}; choose from {', '.join(TTA_MODES)}")
+        paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
+        self.members = load_members(paths, device)
+        first = self.members[0]
+        self.device, self.classes, self.preprocess = first.device, first.classes, first.preprocess
+        self.model, self.autocast = first.model, first.autocast
+        self.ensemble, self.tta, self.weights = ensemble, tta, None
+        self.transforms = []
+        for m in self.members:
+            pre = m.preprocess
+            self.transforms.append(build_eval_transform(tuple(pre["input_size"]), pre["mean"], pre["std"],
+                                                        crop_pct=pre["crop_pct"], interpolation=pre["interpolation"]))
+        self.transform = self.transforms[0]
+        if len(self.members) > 1 and ensemble == "weighted":
+            self.weights = self._fit_weights()
+
+    def _fit_weights(self) -> torch.Tensor:
+        """Weights fitted on the first member's validation split (rebuilt from its run's data)."""
+        from .evaluation import _dataset, fit_weights, member_probs
+        try:
+            _, val = _dataset(self.members[0].config, None, "val")
+        except (ConfigError, OSError) as e:
+            raise ConfigError(f"--ensemble weighted fits its weights on the runs' validation split, which cannot be "
+                              f"rebuilt here ({e}); use --ensemble mean or vote") from None
+        runs = [member_probs(m, val, self.tta) for m in self.members]
+        return fit_weights(torch.stack([r[1] for r in runs]), runs[0][2])
 
     @torch.no_grad()
-    def predict(self, paths: list[str], topk: int = 5, batch_size: int = 64) -> list[dict]:
+    def probabilities(self, paths: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Class scores ``[N, K]``: each member's softmax (averaged over the TTA views), combined by the ensemble."""
         from .data import DataError, load_rgb
-        images, bad = [], []
-        for p in paths:
-            try:
-                images.append(self.transform(load_rgb(p)))
-            except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for missing/corrupt/non-image files
-                reason = "not found" if isinstance(e, FileNotFoundError) else (str(e).splitlines() or ["unreadable"])[0]
-                bad.append(f"{p} ({reason[:120]})")
+        chunks, bad = [], []
+        for i in range(0, len(paths), batch_size):  # decoded a batch at a time; every unreadable file is listed
+            images = []
+            for p in paths[i:i + batch_size]:
+                try:
+                    images.append(load_rgb(p))
+                except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for missing/corrupt/non-images
+                    why = "not found" if isinstance(e, FileNotFoundError) else (str(e).splitlines() or ["unreadable"])[0]
+                    bad.append(f"{p} ({why[:120]})")
+            if not bad:
+                chunks.append(self._scores(images))
         if bad:
             raise DataError(f"{len(bad)} of {len(paths)} inputs cannot be read: " + "; ".join(bad[:5]))
-        k = min(topk, len(self.classes))
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = torch.stack(images[i:i + batch_size]).to(self.device)
-            with self.autocast():
-                probs = self.model(x).float().softmax(1)
-            p, idx = probs.topk(k, dim=1)
-            for j in range(len(x)):
-                out.append({"path": str(paths[i + j]), "topk": [{"label": self.classes[c], "prob": float(v)}
-                                                                for v, c in zip(p[j].tolist(), idx[j].tolist())]})
-        return out
+        return torch.cat(chunks)
+
+    def _scores(self, images: list) -> torch.Tensor:
+        from .evaluation import combine, tta_views
+        per_member = []
+        for m, transform in zip(self.members, self.transforms):
+            x = torch.stack([transform(im) for im in images]).to(m.device)
+            views = []
+            for v in tta_views(x, self.tta):
+                with m.autocast():
+                    views.append(m.model(v).float().softmax(1))
+            per_member.append(torch.stack(views).mean(0).cpu())
+        return combine(torch.stack(per_member), self.ensemble, self.weights)
+
+    def predict(self, paths: list[str], topk: int = 5, batch_size: int = 64) -> list[dict]:
+        probs = self.probabilities(paths, batch_size)
+        p, idx = probs.topk(min(topk, len(self.classes)), dim=1)
+        return [{"path": str(path), "topk": [{"label": self.classes[c], "prob": float(v)}
+                                             for v, c in zip(p[j].tolist(), idx[j].tolist())]}
+                for j, path in enumerate(paths)]
 
 
-def load(checkpoint: str, device: str = "auto") -> Predictor:
-    """Load a checkpoint (file or run directory) as a Predictor."""
-    return Predictor(checkpoint, device)
+def load(checkpoint: str | list[str], device: str = "auto", ensemble: str = "mean", tta: str = "none") -> Predictor:
+    """Load a checkpoint (file or run directory), or several as an ensemble, as a Predictor."""
+    return Predictor(checkpoint, device, ensemble=ensemble, tta=tta)

@@ -53,25 +53,60 @@ def _run_args(p) -> None:
                    help="any config key, e.g. --set optim.name=sgd sched.warmup_epochs=1")
 
 
+def _ensemble_args(p) -> None:
+    p.add_argument("--ensemble", default="mean", choices=["mean", "vote", "weighted"],
+                   help="with several checkpoints: average probabilities, majority vote, or a weighted average with "
+                        "weights fitted on the validation split")
+    p.add_argument("--tta", default="none", choices=["none", "flip", "flip+crops"],
+                   help="test-time augmentation: + mirror image; + four corner and centre crops (each mirrored)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="visionkit", description="Train, evaluate and use image classifiers.")
     ap.add_argument("--version", action="store_true", help="print the version")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
     _train_parser(sub)
 
-    p = sub.add_parser("eval", help="score a checkpoint on a data split")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("eval", help="score a checkpoint (or an ensemble of several) on a data split",
+                       description="Score checkpoints on a split; with several, each member, the ensemble and the "
+                                   "TTA gain side by side.")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint file(s) or run directories")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    _ensemble_args(p)
     p.add_argument("--format", default="table", choices=["table", "json"])
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int)
 
-    p = sub.add_parser("predict", help="classify image files")
-    p.add_argument("checkpoint")
-    p.add_argument("paths", nargs="+", help="image files or folders")
+    p = sub.add_parser("predict", help="classify image files (with one checkpoint or an ensemble)")
+    p.add_argument("inputs", nargs="+", metavar="CHECKPOINT... PATH...",
+                   help="one or more checkpoints (.pt files or run directories), then image files or folders")
     p.add_argument("--topk", type=int, default=5)
+    _ensemble_args(p)
     p.add_argument("--format", default="table", choices=["table", "json", "csv"])
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("report", help="write the HTML report of a run (also written at the end of train)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="HTML file to write (default RUN_DIR/report.html)")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("explain", help="class activation maps (Grad-CAM family) or ViT attention maps as overlays")
+    p.add_argument("checkpoint")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--method", default="gradcam",
+                   choices=["gradcam", "gradcam++", "scorecam", "eigencam", "layercam", "hirescam", "attention",
+                            "rollout"], help="a CAM method, or attention / rollout for ViTs")
+    p.add_argument("--layer", default="auto", help="module name (auto: the last conv stage / last ViT block)")
+    p.add_argument("--target", help="class label to explain (default: the predicted class)")
+    p.add_argument("--out", default="explain", help="folder for the overlays (existing files are kept)")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("features", help="grid of a layer's feature maps for one image")
+    p.add_argument("checkpoint")
+    p.add_argument("image")
+    p.add_argument("--layer", help="module name (default: the layer CAMs use)")
+    p.add_argument("--out", help="PNG file (default: <image stem>_features_<layer>.png here)")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("models", help="list models and where each name resolves")
@@ -122,23 +157,54 @@ def cmd_train(a) -> int:
         line += f"  val_acc1 {best['val_acc1']:.4f}"
     if "test" in s:
         line += f"  test_acc1 {s['test']['acc1']:.4f}"
+    if (run.dir / "report.html").is_file():
+        line += f"  report {run.dir / 'report.html'}"
     print(line)
     return 0
 
 
 def cmd_eval(a) -> int:
     from .api import evaluate_checkpoint
-    res = evaluate_checkpoint(a.checkpoint, a.data, split=a.split, device=a.device, batch_size=a.batch_size)
+    res = evaluate_checkpoint(a.checkpoints, a.data, split=a.split, device=a.device, batch_size=a.batch_size,
+                              ensemble=a.ensemble, tta=a.tta)
     if a.format == "json":
         print(json.dumps(res))
         return 0
-    print(f"{a.split}: n={res['n']}  acc1={res['acc1']:.4f}  acc5={res['acc5']:.4f}  loss={res['loss']:.4f}  "
+    if len(res["members"]) > 1 or a.tta != "none":
+        _print_side_by_side(res)
+    loss = f"  loss={res['loss']:.4f}  ece={res['ece']:.4f}" if "loss" in res else ""
+    print(f"{a.split}: n={res['n']}  acc1={res['acc1']:.4f}  acc5={res['acc5']:.4f}{loss}  "
           f"macro_f1={res['macro_f1']:.4f}")
     w = max(len(c) for c in res["classes"])
     print(f"{'class':<{w}}  precision  recall     f1  support")
     for c, r in zip(res["classes"], res["per_class"]):
         print(f"{c:<{w}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:5.4f}  {r['support']:7d}")
     return 0
+
+
+def _print_side_by_side(res: dict) -> None:
+    """Each member, the ensemble, plain and with TTA: acc1 / log loss."""
+    tta = res["tta_mode"] != "none"
+    rows = [(Path(m["checkpoint"]).parent.name + "/" + Path(m["checkpoint"]).name, m, m.get("tta"))
+            for m in res["members"]]
+    if "ensemble" in res:
+        e = res["ensemble"]
+        label = f"ensemble ({e['method']}" + (f", weights {e['weights']}" if "weights" in e else "") + ")"
+        rows.append((label, e["plain"], e.get("tta")))
+    w = max(len(r[0]) for r in rows)
+
+    def cell(s: dict | None) -> str:
+        if s is None:
+            return f"{'':>17}"
+        return f"{s['acc1']:7.4f} " + (f"{s['loss']:9.4f}" if "loss" in s else f"{'-':>9}")
+    head = f"{'':<{w}}  {'acc1':>7} {'loss':>9}" + (f"  {'acc1 +tta':>9} {'loss':>7}" if tta else "")
+    print(head)
+    for name, plain, with_tta in rows:
+        print(f"{name:<{w}}  {cell(plain)}" + (f"  {cell(with_tta)}" if tta else ""))
+    if tta:
+        print(f"TTA ({res['tta_mode']}) gain: {100 * res['tta_gain']:+.2f} points acc1")
+    if res.get("ensemble", {}).get("weights_fitted_on"):
+        print(f"weights fitted on: {res['ensemble']['weights_fitted_on']}")
 
 
 def _expand(paths: list[str]) -> list[str]:
@@ -153,13 +219,28 @@ def _expand(paths: list[str]) -> list[str]:
     return out
 
 
+def _split_checkpoints(inputs: list[str]) -> tuple[list[str], list[str]]:
+    """`predict CKPT... PATH...`: the leading .pt files and run directories (holding best.pt/last.pt) are models."""
+    n = 0
+    while n < len(inputs) and (inputs[n].endswith(".pt") or (Path(inputs[n]) / "config.yaml").is_file()):
+        n += 1
+    if n == 0:
+        from .engine.checkpoint import CheckpointError
+        raise CheckpointError(f"{inputs[0]} is not a checkpoint: give a .pt file or a run directory first, then "
+                              "the images")
+    return inputs[:n], inputs[n:]
+
+
 def cmd_predict(a) -> int:
     from .api import load
     from .data import DataError
-    paths = _expand(a.paths)
+    checkpoints, inputs = _split_checkpoints(a.inputs)
+    if not inputs:
+        raise DataError("no images given: visionkit predict CHECKPOINT... IMAGE_OR_FOLDER...")
+    paths = _expand(inputs)
     if not paths:
-        raise DataError(f"no images found in {' '.join(a.paths)}")
-    res = load(a.checkpoint, a.device).predict(paths, topk=a.topk)
+        raise DataError(f"no images found in {' '.join(inputs)}")
+    res = load(checkpoints, a.device, ensemble=a.ensemble, tta=a.tta).predict(paths, topk=a.topk)
     if a.format == "json":
         print(json.dumps(res))
     elif a.format == "csv":
@@ -172,6 +253,27 @@ def cmd_predict(a) -> int:
     else:
         for r in res:
             print(r["path"] + "  " + "  ".join(f"{t['label']} {t['prob']:.3f}" for t in r["topk"]))
+    return 0
+
+
+def cmd_report(a) -> int:
+    from .report import build_report
+    path = build_report(a.run_dir, out=a.out, device=a.device)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_explain(a) -> int:
+    from .explain import explain
+    for r in explain(a.checkpoint, a.images, method=a.method, layer=a.layer, target=a.target, out=a.out,
+                     device=a.device):
+        print(f"{r['path']}: predicted {r['label']} {r['prob']:.3f}, explained {r['target']} -> {r['out']}")
+    return 0
+
+
+def cmd_features(a) -> int:
+    from .explain import features
+    print(f"features: {features(a.checkpoint, a.image, layer=a.layer, out=a.out, device=a.device)}")
     return 0
 
 
@@ -228,15 +330,16 @@ def cmd_demo(a) -> int:
             "data.img_size": 32, "train.epochs": 15, "aug.hflip": 0.0, "data.val_split": 0.2})
     s = run.summary
     print(f"\nresults in {run.dir}/")
-    for f in ("summary.json", "metrics.csv", "config.yaml", "best.pt", "last.pt", "tb/"):
+    for f in ("report.html", "summary.json", "metrics.csv", "config.yaml", "best.pt", "last.pt", "tb/"):
         print(f"  {f}")
     if "test" in s:
         print(f"test accuracy {s['test']['acc1']:.4f} on {s['test']['n']} images")
     return 0
 
 
-COMMANDS = {"train": cmd_train, "lr-find": cmd_lr_find, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models,
-            "recipes": cmd_recipes, "datasets": cmd_datasets, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "lr-find": cmd_lr_find, "eval": cmd_eval, "predict": cmd_predict, "report": cmd_report,
+            "explain": cmd_explain, "features": cmd_features, "models": cmd_models, "recipes": cmd_recipes,
+            "datasets": cmd_datasets, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 class DataConfig:
     source: str = "digits"  # folder, CSV file or built-in name (fashion-mnist, mnist, cifar10, cifar100, digits, fake)
     val_split: float = 0.2  # held-out fraction of train when the data has no val split (0 allowed)
+    split_seed: int | None = None  # seed of that hold-out; None: train.seed. Fix it to ensemble differently seeded runs
     img_size: int | None = None  # None: native size for built-ins, the model's input size for image files
     crop_pct: float | None = None  # eval: resize to img_size / crop_pct, centre-crop img_size. None: the model's own
     bad_images: str = "fail"  # fail | skip
@@ -132,6 +133,7 @@ class TrainConfig:
     patience: int = 0  # early stopping: epochs without improvement (0: off)
     save_every: int = 0  # also checkpoint every N optimizer steps, for mid-epoch resume (0: epoch ends only)
     tta: bool = False  # flip TTA for val/test evaluation
+    report: bool = True  # write report.html (visionkit report) when training ends
     quiet: bool = False
     log_every: int = 20  # progress refresh, in steps
 
