@@ -23,8 +23,10 @@ def test_tta_views_identity_first_and_shapes():
     v = tta_views(x, "flip")
     assert len(v) == 2 and torch.equal(v[1], x.flip(3))
     v = tta_views(x, "flip+crops")
-    assert len(v) == 12 and all(t.shape == x.shape for t in v)
+    assert len(v) == 10 and all(t.shape == x.shape for t in v)
     assert torch.equal(v[3], v[2].flip(3))  # each crop also mirrored
+    # the same scale, shifted: the top-left crop is the image moved 1 px (1/16 of 20 px, rounded) right and down
+    assert torch.equal(v[2][..., 1:, 1:], x[..., :-1, :-1]) and torch.equal(v[2][..., 0, 1:], x[..., 0, :-1])
     with pytest.raises(ConfigError, match="flip\\+crops"):
         tta_views(x, "rotate")
 

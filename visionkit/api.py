@@ -391,17 +391,17 @@ def train(data: str | None = None, model: str | None = None, *, recipe: str | No
     summary["finetune"] = decision.to_dict()
     _write(run_dir / "summary.json", summary)
     if cfg.train.report:
-        _write_report(run_dir, device, cfg.train.quiet)
+        _write_report(run_dir, device, cfg.train.quiet, bundle)
     return Run(run_dir, summary, cfg)
 
 
-def _write_report(run_dir: Path, device: torch.device, quiet: bool) -> None:
+def _write_report(run_dir: Path, device: torch.device, quiet: bool, bundle) -> None:
     """The run's report.html. Training has finished and its files are safe: a report that fails is a warning
     (with the command that retries it), never a failed run."""
     t0 = time.perf_counter()
     try:
         from .report import build_report
-        path = build_report(run_dir, device=str(device))
+        path = build_report(run_dir, device=str(device), bundle=bundle)
     except Exception as e:  # noqa: BLE001 - see the docstring
         print(f"warning: the report could not be written ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
               f"retry with: visionkit report {run_dir}", file=sys.stderr)

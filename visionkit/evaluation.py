@@ -29,7 +29,7 @@ from .metrics import per_class_report
 
 ENSEMBLES = ("mean", "vote", "weighted")
 TTA_MODES = ("none", "flip", "flip+crops")
-CROP_FRACTION = 0.875  # flip+crops: four corner crops and the centre crop of this fraction, resized back
+CROP_SHIFT = 0.0625  # flip+crops: corner crops shifted by this fraction of the side (16 px at 256, as TenCrop)
 
 
 @dataclass
@@ -77,8 +77,10 @@ def _describe(classes: list[str]) -> str:
 def tta_views(x: Tensor, mode: str) -> list[Tensor]:
     """The batch as the model sees it under ``mode``, the unchanged batch first.
 
-    flip: + the mirror image. flip+crops: + the four corner crops and the centre crop covering 87.5% of each side,
-    resized back to the input size (torchvision's ``five_crop`` and ``resize``), each also mirrored: 12 views.
+    flip: + the mirror image (2 views). flip+crops: the ten-crop of classic ImageNet evaluation at the same scale as
+    the plain view: the image shifted by 1/16 of its side towards each corner (torchvision's ``five_crop`` of the
+    edge-padded batch; its centre crop is the image itself), each also mirrored: 10 views. Zooming in instead
+    (crops resized back up) cost Fashion-MNIST models 5 points: they never saw that scale in training.
     """
     if mode not in TTA_MODES:
         raise ConfigError(f"unknown --tta {mode!r}; choose from {', '.join(TTA_MODES)}")
@@ -88,9 +90,9 @@ def tta_views(x: Tensor, mode: str) -> list[Tensor]:
     views.append(TF.horizontal_flip(x))
     if mode == "flip+crops":
         h, w = x.shape[-2:]
-        size = [max(1, round(h * CROP_FRACTION)), max(1, round(w * CROP_FRACTION))]
-        for c in TF.five_crop(x, size):
-            c = TF.resize(c, [h, w], antialias=True)
+        s = max(1, round(min(h, w) * CROP_SHIFT))
+        padded = F.pad(x, (s, s, s, s), mode="replicate")
+        for c in TF.five_crop(padded, [h, w])[:4]:  # the four corners; the centre crop is x
             views += [c, TF.horizontal_flip(c)]
     return views
 
