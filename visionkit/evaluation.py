@@ -190,15 +190,17 @@ def score(scores: Tensor, targets: Tensor, full: bool = False, probabilities: bo
     """
     from torchmetrics.functional.classification import multiclass_calibration_error
     n, k = scores.shape
-    top = scores.topk(min(5, k), dim=1).indices
-    hit = top == targets[:, None]
-    out = {"n": n, "acc1": hit[:, 0].float().mean().item(), "acc5": hit.any(1).float().mean().item()}
+    pred = scores.argmax(1)  # ties (common with bf16 logits) go to the first class, as numpy's argmax
+    top5 = scores.topk(min(5, k), dim=1).indices
+    hit1 = pred == targets
+    out = {"n": n, "acc1": hit1.float().mean().item(),
+           "acc5": ((top5 == targets[:, None]).any(1) | hit1).float().mean().item()}
     if probabilities:
         p = scores.clamp_min(1e-12)
         out["loss"] = F.nll_loss(p.log(), targets).item()
         out["ece"] = multiclass_calibration_error(scores, targets, num_classes=k, n_bins=15, norm="l1").item()
     if full:
-        out.update(per_class_report(top[:, 0], targets, k))
+        out.update(per_class_report(pred, targets, k))
     return out
 
 
