@@ -231,3 +231,42 @@ def test_reliability_bins_give_torchmetrics_ece():
     ece = sum(b["count"] / 500 * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"])
     assert sum(b["count"] for b in bins) == 500
     assert ece == pytest.approx(score(probs, targets)["ece"], abs=1e-5)
+
+
+def test_train_writes_the_report_and_a_failing_report_does_not_fail_the_run(tmp_path, monkeypatch, capsys):
+    run = visionkit.train("fake", "lenet", epochs=1, out=str(tmp_path / "auto"), quiet=True,
+                          overrides={"data.img_size": 32})
+    text = (run.dir / "report.html").read_text()
+    assert list(sections(text)) == list(SECTIONS) and "could not" not in sections(text)["gradcam"]
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr("visionkit.report.build_report", broken)
+    run = visionkit.train("fake", "lenet", epochs=1, out=str(tmp_path / "broken"), quiet=True,
+                          overrides={"data.img_size": 32})
+    err = capsys.readouterr().err
+    assert "warning: the report could not be written (RuntimeError: disk full)" in err
+    assert f"visionkit report {run.dir}" in err
+    assert (run.dir / "best.pt").is_file() and (run.dir / "summary.json").is_file()
+    assert not (run.dir / "report.html").exists()
+
+
+def test_cli_report_explain_features_user_errors(run_dir, tmp_path, capsys):
+    from visionkit.cli import main
+    text_jpg = tmp_path / "note.jpg"
+    text_jpg.write_text("not an image")
+    image = tmp_path / "ok.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    cases = [(["report", str(tmp_path / "nowhere")], "does not exist"),
+             (["report", str(tmp_path)], "config.yaml"),
+             (["explain", str(run_dir / "best.pt"), str(text_jpg)], "cannot be read"),
+             (["explain", str(run_dir / "best.pt"), str(image), "--layer", "nope"],
+              "unknown layer 'nope'; layers with spatial outputs: features"),
+             (["explain", str(run_dir / "best.pt"), str(image), "--target", "zebra"], "unknown target label"),
+             (["features", str(run_dir / "best.pt"), str(image), "--layer", "nope"], "unknown layer 'nope'")]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and words in err, (argv, err)
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "r.html")]) == 0
+    assert capsys.readouterr().out.strip() == f"report: {tmp_path / 'r.html'}"
