@@ -321,18 +321,13 @@ def test_explain_writes_overlays_and_never_overwrites(lenet_ckpt, folder, tmp_pa
 
 def test_explain_user_errors_are_one_line(lenet_ckpt, folder, tmp_path):
     img = str(folder / "red" / "0.png")
-    with pytest.raises(ConfigError) as e:
-        explain(lenet_ckpt, [img], target="purple", out=str(tmp_path))
-    one_line_error(e, "unknown target label 'purple'", "blue, green, red")
-    with pytest.raises(ConfigError) as e:
-        explain(lenet_ckpt, [img], method="smoothgrad", out=str(tmp_path))
-    one_line_error(e, "unknown method 'smoothgrad'", "rollout")
-    with pytest.raises(ConfigError) as e:
-        explain(lenet_ckpt, [img], layer="features.99", out=str(tmp_path))
-    one_line_error(e, "unknown layer 'features.99'", "features")
-    with pytest.raises(ConfigError) as e:
-        explain(lenet_ckpt, [img], method="rollout", out=str(tmp_path))
-    one_line_error(e, "vision transformer", "gradcam")
+    for kw, words in [({"target": "purple"}, ("unknown target label 'purple'", "blue, green, red")),
+                      ({"method": "smoothgrad"}, ("unknown method 'smoothgrad'", "rollout")),
+                      ({"layer": "features.99"}, ("unknown layer 'features.99'", "features")),
+                      ({"method": "rollout"}, ("vision transformer", "gradcam"))]:
+        with pytest.raises(ConfigError) as e:
+            explain(lenet_ckpt, [img], out=str(tmp_path), **kw)
+        one_line_error(e, *words)
     text = tmp_path / "notes.jpg"
     text.write_text("this is not a picture\nsecond line\n")
     with pytest.raises(DataError) as e:
