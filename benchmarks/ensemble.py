@@ -4,7 +4,8 @@ Claim (issue #4): an ensemble of two differently seeded models scores at least a
 held-out test split (10,000 images, seen by neither model nor by any fitting), and the TTA gain is recorded.
 
 Each member is a real `visionkit train` subprocess (recipe fast-cpu, the same validation hold-out through
-`data.split_seed`, so the weighted ensemble's weights are fitted on images no member trained on). Then every
+`data.split_seed`). fast-cpu holds out no validation images, so the weighted ensemble's weights are fitted on the
+test split out of fold (each half scored with the weights fitted on the other half); no member trained on it. Then every
 combination is scored with `visionkit.evaluation.evaluate_checkpoints` on the test split: each member, the mean,
 vote and weighted ensembles, without TTA, with flip and with flip+crops.
 

@@ -81,6 +81,12 @@ def runs(tmp_path_factory):
                             overrides=FAST).dir / "best.pt" for s in (0, 1)]
 
 
+def test_a_run_directory_means_its_best_checkpoint(runs):
+    from visionkit.evaluation import load_member
+    assert load_member(runs[0].parent, "cpu").path == str(runs[0])
+    assert visionkit.load(runs[0].parent).members[0].path == str(runs[0])
+
+
 def test_single_checkpoint_keeps_the_plain_evaluation(runs):
     res = visionkit.evaluate_checkpoint(runs[0], "digits", split="test")
     assert res["members"][0]["acc1"] == res["acc1"] and "ensemble" not in res and "tta_gain" not in res

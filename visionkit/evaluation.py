@@ -46,8 +46,10 @@ class Member:
 
 
 def load_member(checkpoint: str | Path, device: str | torch.device = "auto") -> Member:
-    """Load a checkpoint (file or run directory) in eval mode on ``device``."""
+    """Load a checkpoint in eval mode on ``device``; a run directory means its ``best.pt`` (else ``last.pt``)."""
     from .api import _autocast, _model_from_checkpoint, resolve_device
+    if Path(checkpoint).is_dir() and (Path(checkpoint) / "best.pt").is_file():
+        checkpoint = Path(checkpoint) / "best.pt"
     ckpt = load_checkpoint(checkpoint)
     dev = resolve_device(device) if isinstance(device, str) else device
     cfg = resolve_config(base=ckpt["config"])
