@@ -13,6 +13,7 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -107,8 +108,8 @@ def member_probs(member: Member, ds, tta: str = "none", batch_size: int | None =
     """
     from .api import _loader
     cfg = member.config
-    if batch_size:
-        cfg.data.eval_batch_size = batch_size
+    if batch_size:  # a copy: the member's own config stays as its run wrote it
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_batch_size=batch_size))
     loader = _loader(ds, cfg, member.preprocess, member.device, False)
     plain, mean, targets = [], [], []
     try:
