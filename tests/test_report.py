@@ -270,3 +270,19 @@ def test_cli_report_explain_features_user_errors(run_dir, tmp_path, capsys):
         assert err.startswith("error: ") and err.count("\n") == 1 and words in err, (argv, err)
     assert main(["report", str(run_dir), "--out", str(tmp_path / "r.html")]) == 0
     assert capsys.readouterr().out.strip() == f"report: {tmp_path / 'r.html'}"
+
+
+def test_a_relative_data_path_is_found_from_another_folder(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    for k, name in enumerate(["dark", "light"]):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(12):
+            px = rng.integers(0, 90, (24, 24, 3)) + 150 * k
+            Image.fromarray(px.astype(np.uint8)).save(tmp_path / "photos" / name / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    run = visionkit.train("photos", "lenet", epochs=1, out="run", quiet=True,
+                          overrides={**FAST, "data.val_split": 0.25, "data.workers": 0})
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # `photos` is not here: it is where train ran
+    s = sections(build_report(tmp_path / run.dir).read_text())
+    assert "not available" not in s["confusion"] and "<img " in s["confusion"]

@@ -121,7 +121,7 @@ def environment(device: torch.device, seed: int, fingerprint: str) -> dict:
             "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "seed": seed, "data_fingerprint": fingerprint,
-            "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "command": " ".join(sys.argv), "cwd": os.getcwd(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def preprocess_for(cfg: Config, bundle, model_cfg: dict) -> dict:

@@ -205,7 +205,11 @@ def _predict_split(run: RunFiles, device, bundle=None) -> tuple[Predictions | No
     source = member.config.data.source
     try:  # the split exactly as training made it (or the one training just used); never a download from a report
         if bundle is None:
-            bundle = build_bundle(resolve_config(base=member.config.to_dict(), overrides={"data.download": False}))
+            over = {"data.download": False}
+            cwd = (run.env or {}).get("cwd")  # a relative --data path is relative to where train ran
+            if cwd and not Path(source).is_absolute() and not Path(source).exists() and (Path(cwd) / source).exists():
+                over["data.source"] = str(Path(cwd) / source)
+            bundle = build_bundle(resolve_config(base=member.config.to_dict(), overrides=over))
     except (ValueError, OSError, RuntimeError) as e:
         return None, f"the run's data ({source}) cannot be loaded here: {_first_line(e)}"
     split, ds = next(((s, d) for s in ("val", "test") if (d := getattr(bundle, s, None)) is not None and len(d)),
