@@ -28,14 +28,16 @@ import torch
 import yaml
 
 from .config import Config, ConfigError, resolve_config
+from .engine import distributed
 from .engine.checkpoint import CheckpointError, load_checkpoint
+from .engine.distributed import Dist
 from .engine.events import CSVLogger, EarlyStopping, Progress, TensorBoardLogger
 from .engine.loop import Trainer, evaluate
 from .engine.optim import build_optimizer, build_scheduler
 
 # keys that may change when a run is resumed (everything else must match the checkpoint's config)
 RESUMABLE_KEYS = {"train.epochs", "train.quiet", "train.log_every", "train.save_every", "train.device",
-                  "data.workers", "train.patience"}
+                  "data.workers", "train.patience", "dist.timeout", "dist.backend"}
 
 
 @dataclass
@@ -111,7 +113,7 @@ def new_run_dir(out: str | None, name: str) -> Path:
             n += 1
 
 
-def environment(device: torch.device, seed: int, fingerprint: str) -> dict:
+def environment(device: torch.device, seed: int, fingerprint: str, dist: Dist | None = None) -> dict:
     import timm
     import torchvision
 
@@ -121,7 +123,8 @@ def environment(device: torch.device, seed: int, fingerprint: str) -> dict:
             "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "seed": seed, "data_fingerprint": fingerprint,
-            "command": " ".join(sys.argv), "cwd": os.getcwd(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "command": " ".join(sys.argv), "cwd": os.getcwd(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "world_size": dist.world if dist else 1, "backend": dist.backend if dist and dist.enabled else None}
 
 
 def preprocess_for(cfg: Config, bundle, model_cfg: dict) -> dict:
@@ -150,17 +153,22 @@ def build_bundle(cfg: Config):
                       root=cfg.data.root, download=cfg.data.download)
 
 
-def _loader(ds, cfg: Config, pre: dict, device, train: bool, sampler_weights=None):
+def _loader(ds, cfg: Config, pre: dict, device, train: bool, sampler_weights=None, dist: Dist | None = None):
+    """A loader of ``ds`` with the run's preprocessing; ``dist``: this worker's part of every global batch."""
     from .data import make_loader
+    d = dist or Dist()
     bs = cfg.data.batch_size if train else (cfg.data.eval_batch_size or 2 * cfg.data.batch_size)
+    workers = cfg.data.workers
+    if workers is None:  # the machine's cores shared by the workers on it
+        workers = min(4, (os.cpu_count() or 1) // d.local_world)
     aug = cfg.aug
     if aug.interpolation == "model":  # train-time resizing as the model's eval preprocessing does it
         aug = dataclasses.replace(aug, interpolation=pre["interpolation"])
     return make_loader(ds, batch_size=bs, train=train, seed=cfg.train.seed, device=device,
                        input_size=tuple(pre["input_size"]), mean=pre["mean"], std=pre["std"],
                        aug=aug if train else None, channels_last=cfg.model.channels_last,
-                       workers=cfg.data.workers, sampler_weights=sampler_weights, crop_pct=pre["crop_pct"],
-                       interpolation=pre["interpolation"])
+                       workers=workers, sampler_weights=sampler_weights, crop_pct=pre["crop_pct"],
+                       interpolation=pre["interpolation"], rank=d.rank, world=d.world)
 
 
 def _write(path: Path, obj: Any) -> None:
@@ -192,17 +200,32 @@ class Setup:
     forward_model: torch.nn.Module | None
     callbacks: list
     probe: bool
+    dist: Dist
 
 
-def _setup(cfg: Config, ckpt: dict | None) -> Setup:
-    """Data, model (pretrained weights and the fine-tuning strategy included), loaders, optimizer and schedule."""
+def check_world(cfg: Config, world: int, device_type: str) -> None:
+    """What a run on ``world`` workers needs of its config: one-line errors before anything is built."""
+    if cfg.data.batch_size % world:
+        lo = max(world, cfg.data.batch_size // world * world)
+        raise ConfigError(f"data.batch_size {cfg.data.batch_size} is the global batch and must split evenly over "
+                          f"{world} workers; use a multiple of {world} (e.g. {lo} or {lo + world})")
+    if cfg.dist.sync_bn and world > 1 and device_type != "cuda":
+        raise ConfigError("dist.sync_bn needs GPUs (torch's SyncBatchNorm runs on CUDA only); drop it on CPU workers")
+
+
+def _setup(cfg: Config, ckpt: dict | None, dist: Dist | None = None, device: torch.device | None = None) -> Setup:
+    """Data, model (pretrained weights and the fine-tuning strategy included), loaders, optimizer and schedule.
+
+    ``dist``/``device``: this worker's place and device when several train (``distributed.init`` chose them)."""
     from . import finetune as ft
     from .data import class_weights
     from .models import create_model
     from .tasks import ClassificationTask
 
-    device = resolve_device(cfg.train.device)
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    d = dist or Dist()
+    device = device or resolve_device(cfg.train.device)
+    check_world(cfg, d.world, device.type)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)  # the same on every rank: identical set-up
     dtype = amp_dtype(cfg.train.amp, device)
 
     bundle = build_bundle(cfg)
@@ -218,9 +241,12 @@ def _setup(cfg: Config, ckpt: dict | None) -> Setup:
                        **cfg.model.kwargs)
     model_cfg = dict(net.visionkit_cfg)
     pre = ckpt["preprocess"] if ckpt is not None else preprocess_for(cfg, bundle, model_cfg)
+    if cfg.dist.sync_bn and d.enabled:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # same parameters, same state_dict keys
     net.to(device)
     if cfg.model.channels_last:
         net.to(memory_format=torch.channels_last)
+    distributed.broadcast_module(d, net)  # rank 0's weights everywhere, before an EMA copy is taken
 
     weights = None
     if cfg.data.balance != "none":
@@ -228,9 +254,11 @@ def _setup(cfg: Config, ckpt: dict | None) -> Setup:
         weights = cw if cfg.data.balance == "loss" else cw[torch.as_tensor(bundle.train.targets)]
     task = ClassificationTask(len(classes), cfg.train.label_smoothing,
                               class_weights=weights if cfg.data.balance == "loss" else None)
-    train_loader = _loader(bundle.train, cfg, pre, device, True,
-                           sampler_weights=weights if cfg.data.balance == "sampler" else None)
-    val_loader = _loader(bundle.val, cfg, pre, device, False) if bundle.val is not None and len(bundle.val) else None
+    sampler = weights if cfg.data.balance == "sampler" else None
+    train_loader = _loader(bundle.train, cfg, pre, device, True, sampler_weights=sampler, dist=d)
+    has_val = bundle.val is not None and len(bundle.val)
+    val_loader = _loader(bundle.val, cfg, pre, device, False, dist=d) if has_val else None
+    quiet = cfg.train.quiet or not d.is_main
 
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     decision = None
@@ -240,8 +268,9 @@ def _setup(cfg: Config, ckpt: dict | None) -> Setup:
     clean = None  # the train set without augmentation: for the auto decision and a linear probe's feature cache
     if decision is None:
         if cfg.finetune.strategy in ("auto", "linear-probe") and source:
-            clean = _loader(bundle.train, cfg, pre, device, False)
-        decision = choose_finetune(cfg, net, bundle, clean, bool(source), autocast)
+            clean = _loader(bundle.train, cfg, pre, device, False)  # the whole set on every rank
+        # rank 0 decides for all: every rank must train the same way
+        decision = distributed.on_main(d, lambda: choose_finetune(cfg, net, bundle, clean, bool(source), autocast))
     ftc = dataclasses.replace(cfg.finetune, **decision.settings)
     probe = decision.strategy == "linear-probe"
     epochs, optim_cfg, sched_cfg, forward_model, extra = cfg.train.epochs, cfg.optim, cfg.sched, None, []
@@ -249,8 +278,12 @@ def _setup(cfg: Config, ckpt: dict | None) -> Setup:
         head = ft.probe_head(net, model_cfg["name"])
         clean = clean if clean is not None else _loader(bundle.train, cfg, pre, device, False)
         images = [ld for ld in (train_loader, val_loader) if ld is not None]
+        if d.world > 1:  # every rank caches the whole set; the feature loaders split the batches
+            train_loader = _loader(bundle.train, cfg, pre, device, True, sampler_weights=sampler)
+            val_loader = _loader(bundle.val, cfg, pre, device, False) if has_val else None
+            images += [ld for ld in (train_loader, val_loader) if ld is not None]
         train_loader, val_loader = ft.probe_loaders(net, head, train_loader, clean, val_loader, ftc, cfg.data.batch_size,
-                                                    cfg.train.seed, autocast, cfg.train.quiet)
+                                                    cfg.train.seed, autocast, quiet, rank=d.rank, world=d.world)
         for ld in images:  # replaced by the feature caches
             ld.close()
         for p in net.parameters():
@@ -267,7 +300,7 @@ def _setup(cfg: Config, ckpt: dict | None) -> Setup:
         groups = ft.layer_groups(net)
         opt = build_optimizer(ft.param_groups(net, groups, ftc, cfg.optim.lr, cfg.optim.weight_decay,
                                               cfg.optim.decay_norm_and_bias), cfg.optim)
-        extra.append(ft.Freezer(decision.strategy, groups, ftc, cfg.train.quiet))
+        extra.append(ft.Freezer(decision.strategy, groups, ftc, quiet))
     if clean is not None:
         clean.close()
     steps_per_epoch = -(-len(train_loader) // cfg.train.grad_accum)
@@ -278,8 +311,9 @@ def _setup(cfg: Config, ckpt: dict | None) -> Setup:
         ema = ModelEmaV3(net, decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
     if cfg.model.compile and forward_model is None:
         forward_model = torch.compile(net)
+    distributed.seed_rank(cfg.train.seed, d)  # from here on, each rank its own dropout / mixing draws
     return Setup(device, dtype, bundle, classes, net, model_cfg, pre, task, decision, train_loader, val_loader, opt,
-                 sched, per_step, steps_per_epoch, epochs, ema, forward_model, extra, probe)
+                 sched, per_step, steps_per_epoch, epochs, ema, forward_model, extra, probe, d)
 
 
 SHORTCUTS = {"epochs": "train.epochs", "batch_size": "data.batch_size", "lr": "optim.lr", "seed": "train.seed",
@@ -338,34 +372,67 @@ def train(data: str | None = None, model: str | None = None, *, recipe: str | No
 
         run = train(data="digits", model="lenet", epochs=1, overrides={"data.img_size": 32})
     """
-    from .transforms import build_batch_mix
 
     cfg, ckpt = _resolve(data, model, recipe, config, resume, overrides, kw)
-    s = _setup(cfg, ckpt)
+    d = distributed.from_env()  # torchrun (or `visionkit train --devices N`) started this process
+    if d is None:
+        return _train(cfg, ckpt, out, Dist(), None)
+    check_world(cfg, d.world, "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
+    d, device = distributed.init(d, cfg.train.device, cfg.dist.backend, cfg.dist.timeout)
+    try:
+        return _train(cfg, ckpt, out, d, device)
+    except RuntimeError as e:
+        if not distributed.is_comm_failure(e):
+            raise
+        why = (str(e).splitlines() or [""])[0]
+        why = why.split("] ", 1)[-1].split(". ")[0]  # "[.../pair.cc:537] Read error ...: Connection reset by peer. ..."
+        raise distributed.WorkerLost(f"rank {d.rank} lost contact with the other workers ({why[:160]})") from None
+    finally:
+        distributed.shutdown(d)
+
+
+def _train(cfg: Config, ckpt: dict | None, out: str | None, d: Dist, device: torch.device | None) -> Run:
+    """One worker's part of ``train``: every rank trains; rank 0 alone writes, then scores the test split and
+    writes the report once the process group is closed."""
+    from .transforms import build_batch_mix
+
+    cfg.dist.world_size, cfg.dist.batch_per_device = d.world, cfg.data.batch_size // d.world
+    s = _setup(cfg, ckpt, d, device)
     bundle, classes, net, model_cfg, pre, device, dtype = s.bundle, s.classes, s.net, s.model_cfg, s.pre, s.device, s.dtype
     decision, probe, epochs, sched, per_step = s.decision, s.probe, s.epochs, s.sched, s.per_step
     train_loader, val_loader, steps_per_epoch = s.train_loader, s.val_loader, s.steps_per_epoch
+    quiet = cfg.train.quiet or not d.is_main
 
-    run_dir = Path(ckpt["path"]).parent if ckpt is not None else new_run_dir(
-        out, f"{model_cfg['name'].split(':')[-1]}-{Path(str(bundle.name)).name}")
-    if ckpt is None:
+    def make_run_dir() -> Path:
+        if ckpt is not None:
+            run_dir = Path(ckpt["path"]).parent
+            for stale in run_dir.glob(".*.tmp"):  # temp files of a writer that was killed mid-save
+                stale.unlink(missing_ok=True)
+            return run_dir
+        run_dir = new_run_dir(out, f"{model_cfg['name'].split(':')[-1]}-{Path(str(bundle.name)).name}")
         _write(run_dir / "config.yaml", cfg.to_dict())
         _write(run_dir / "classes.json", classes)
-        _write(run_dir / "env.json", environment(device, cfg.train.seed, bundle.fingerprint))
+        _write(run_dir / "env.json", environment(device, cfg.train.seed, bundle.fingerprint, d))
         _write(run_dir / "data.json", {"name": str(bundle.name), "fingerprint": bundle.fingerprint,
                                        "summary": bundle.summary(), "bad_files": bundle.bad_files})
         _write(run_dir / "finetune.json", decision.to_dict())
+        return run_dir
+    run_dir = distributed.on_main(d, make_run_dir)  # rank 0 names it and writes; every rank learns where it is
+
     meta = {"config": cfg.to_dict(), "classes": classes, "model_cfg": model_cfg, "preprocess": pre,
             "data_fingerprint": bundle.fingerprint, "finetune": decision.to_dict()}
     monitor = cfg.train.monitor if val_loader is not None else "train_loss"
-    callbacks = [Progress(cfg.train.quiet, cfg.train.log_every), CSVLogger(run_dir / "metrics.csv"),
-                 TensorBoardLogger(run_dir / "tb"), EarlyStopping(cfg.train.patience), *s.callbacks]
+    callbacks = [EarlyStopping(cfg.train.patience), *s.callbacks]  # control: the same on every rank
+    if d.is_main:  # output: rank 0 only
+        callbacks = [Progress(cfg.train.quiet, cfg.train.log_every), CSVLogger(run_dir / "metrics.csv"),
+                     TensorBoardLogger(run_dir / "tb"), *callbacks]
     trainer = Trainer(model=net, task=s.task, optimizer=s.opt, scheduler=sched, sched_per_step=per_step,
                       train_loader=train_loader, val_loader=val_loader, epochs=epochs, device=device,
                       amp_dtype=dtype, grad_accum=cfg.train.grad_accum, clip_grad=cfg.train.clip_grad, ema=s.ema,
                       mix_fn=None if probe else build_batch_mix(cfg.aug, len(classes)), monitor=monitor,
                       save_every=cfg.train.save_every, run_dir=run_dir, meta=meta, callbacks=callbacks,
-                      tta=cfg.train.tta and not probe, forward_model=s.forward_model, epoch_checkpoints=not probe)
+                      tta=cfg.train.tta and not probe, forward_model=s.forward_model, epoch_checkpoints=not probe,
+                      dist=d)
     if ckpt is not None:
         same_length = probe or ckpt["config"]["train"]["epochs"] == cfg.train.epochs
         trainer.load_state(ckpt if same_length else {**ckpt, "scheduler": None})
@@ -376,9 +443,18 @@ def train(data: str | None = None, model: str | None = None, *, recipe: str | No
                 warnings.simplefilter("ignore")
                 for _ in range(min(st.step, epochs * steps_per_epoch - 1)):
                     sched.step()
-        print(f"resuming {run_dir} at epoch {st.epoch + 1}, batch {st.batch} (step {st.step})", file=sys.stderr)
-    elif not cfg.train.quiet:
+        if d.is_main:
+            was = (ckpt["config"].get("dist") or {}).get("world_size", 1)
+            moved = f", on {d.world} worker{'s' * (d.world > 1)} (it was written by {was})" if was != d.world else ""
+            print(f"resuming {run_dir} at epoch {st.epoch + 1}, batch {st.batch} (step {st.step}){moved}",
+                  file=sys.stderr)
+    elif not quiet:
         print(f"run directory: {run_dir}", file=sys.stderr)
+    if d.enabled and not quiet:
+        print(f"distributed: {d.world} worker{'s' * (d.world > 1)} ({d.backend} on {device.type}); global batch "
+              f"{cfg.data.batch_size} = {d.world} x {cfg.dist.batch_per_device}, lr {cfg.optim.lr:g} as configured "
+              f"(the global batch does not change with the number of workers, so neither does the lr)",
+              file=sys.stderr)
 
     t0 = time.perf_counter()
     try:
@@ -387,8 +463,13 @@ def train(data: str | None = None, model: str | None = None, *, recipe: str | No
         for ld in (train_loader, val_loader):
             if ld is not None:
                 ld.close()
-    summary = summarize(trainer, bundle, cfg, pre, device, time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    if not d.is_main:
+        return Run(run_dir, {}, cfg)
+    distributed.shutdown(d)  # the rest is rank 0's alone: no rank waits on it
+    summary = summarize(trainer, bundle, cfg, pre, device, wall)
     summary["finetune"] = decision.to_dict()
+    summary["world_size"] = d.world
     _write(run_dir / "summary.json", summary)
     if cfg.train.report:
         _write_report(run_dir, device, cfg.train.quiet, bundle)
@@ -451,6 +532,9 @@ def lr_find(data: str | None = None, model: str | None = None, *, recipe: str | 
     from .engine.lr_find import lr_find as sweep
     from .engine.lr_find import plot_lr_find
 
+    d = distributed.from_env()
+    if d is not None and d.world > 1:
+        raise ConfigError("lr-find runs as one process; start it without torchrun")
     cfg, _ = _resolve(data, model, recipe, config, None, overrides, kw)
     s = _setup(cfg, None)
     for cb in s.callbacks:  # the strategy's freezing for the first epoch

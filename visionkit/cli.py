@@ -5,6 +5,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,13 @@ def _train_parser(sub) -> None:
     _run_args(p)
     p.add_argument("--resume", help="run directory or checkpoint to continue")
     p.add_argument("--save-every", type=int, help="also checkpoint every N optimizer steps (mid-epoch resume)")
+    g = p.add_argument_group("several devices or machines (torch.distributed; see docs/distributed.md)")
+    g.add_argument("--devices", type=int, metavar="N", help="worker processes on this machine, one per GPU (or CPU "
+                   "processes), started through torchrun's elastic agent; data.batch_size stays the global batch")
+    g.add_argument("--nnodes", type=int, default=1, metavar="M", help="machines in the job (each runs this command)")
+    g.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous address every machine reaches (node 0's)")
+    g.add_argument("--rdzv-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds to wait for the rendezvous and for every machine to join (default 60)")
 
     p = sub.add_parser("lr-find", help="learning-rate range test: loss-vs-lr plot and a suggested lr",
                        description="Sweep the lr exponentially over a few batches with the run's own set-up, plot loss "
@@ -146,11 +154,43 @@ def cmd_lr_find(a) -> int:
     return 0
 
 
+def _launch(a) -> int:
+    """``--devices N`` / ``--nnodes M``: check what can be checked here, then start the workers through torchrun's
+    elastic agent running this same command (each worker finds its place in torchrun's environment)."""
+    from .api import _resolve, check_world
+    from .engine import distributed
+    from .engine.distributed import DistError
+    if a.nnodes < 1:
+        raise DistError(f"--nnodes must be at least 1, got {a.nnodes}")
+    if a.rdzv_timeout <= 0:
+        raise DistError("--rdzv-timeout must be positive (seconds)")
+    nproc = a.devices or 1
+    cfg, ckpt = _resolve(a.data, a.model, a.recipe, a.config, a.resume, _run_overrides(a),
+                         {k: v for k, v in {**_shortcuts(a), "save_every": a.save_every}.items() if v is not None})
+    kind = distributed.plan_local(nproc, cfg.train.device)
+    check_world(cfg, nproc * a.nnodes, kind)
+    if ckpt is None and a.out and Path(a.out).exists() and (not Path(a.out).is_dir() or any(Path(a.out).iterdir())):
+        raise DistError(f"run directory {a.out} already exists and is not empty; choose another --out "
+                        f"or continue it with --resume {a.out}")
+    return distributed.launch(a.argv, nproc, a.nnodes, a.rdzv_endpoint, a.rdzv_timeout, run_dir=a.resume or a.out)
+
+
 def cmd_train(a) -> int:
+    from .engine import distributed
+    from .engine.distributed import DistError
+    d = distributed.from_env()
+    if d is not None:  # a worker started by torchrun (or by --devices below)
+        if a.devices is not None and a.devices != d.local_world:
+            raise DistError(f"--devices {a.devices} under torchrun, which started {d.local_world} workers here; "
+                            f"give the count to torchrun (--nproc-per-node) only")
+    elif (a.devices or 1) > 1 or a.nnodes > 1 or a.rdzv_endpoint:
+        return _launch(a)
     from .api import train
     run = train(a.data, a.model, recipe=a.recipe, config=a.config, out=a.out, resume=a.resume,
                 overrides=_run_overrides(a), save_every=a.save_every, **_shortcuts(a))
     s = run.summary
+    if not s:  # a worker of rank > 0: rank 0 reports
+        return 0
     best = s.get("best", {})
     line = f"done: {run.dir}  best epoch {best.get('epoch')}"
     if "val_acc1" in best:
@@ -352,8 +392,23 @@ def main(argv: list[str] | None = None) -> int:
     if not a.cmd:
         ap.print_help()
         return 2
+    a.argv = list(sys.argv[1:] if argv is None else argv)
+    # torchrun's variables, read without importing torch (see below)
+    worker = {k: int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
+    worker = worker if len(worker) == 3 else None
+    launching = a.cmd == "train" and worker is None and ((a.devices or 1) > 1 or a.nnodes > 1 or a.rdzv_endpoint)
+    if launching and "torch" not in sys.modules:
+        # the launcher's own C++ logging (c10d socket retries) would bury its one-line errors; read when torch loads,
+        # so it is set around that import only and the workers keep the default
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+        import torch  # noqa: F401
+        if os.environ.get("TORCH_CPP_LOG_LEVEL") == "FATAL":
+            del os.environ["TORCH_CPP_LOG_LEVEL"]
     from .config import ConfigError  # every user-facing error class is a ValueError subclass with a one-line message
     try:
+        if worker is not None and worker["WORLD_SIZE"] > 1 and a.cmd != "train":
+            raise ConfigError(f"only `visionkit train` runs on several processes; run `visionkit {a.cmd}` without "
+                              f"torchrun")
         return COMMANDS[a.cmd](a)
     except BrokenPipeError:  # `visionkit models | head`
         sys.stderr.close()
@@ -361,8 +416,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: the last checkpoint is saved; continue with --resume RUN_DIR", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        from .engine.distributed import WorkerLost
+        if not isinstance(e, WorkerLost):
+            raise
+        if worker is None or worker["RANK"] == 0:  # the launcher (or torchrun) names the worker that failed
+            print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ConfigError, *_user_errors()) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if worker is None or worker["RANK"] == 0:  # under torchrun every rank meets the same error: rank 0 says it
+            print(f"error: {e}", file=sys.stderr)
         return 2
 
 
@@ -370,8 +433,9 @@ def _user_errors() -> tuple[type, ...]:
     """Every error class a user mistake raises: each is a ValueError with a one-line message."""
     from .data import DataError
     from .engine.checkpoint import CheckpointError
+    from .engine.distributed import DistError
     from .models import ModelError
-    return CheckpointError, DataError, ModelError
+    return CheckpointError, DataError, DistError, ModelError
 
 
 if __name__ == "__main__":

@@ -139,6 +139,17 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    # data.batch_size is the global batch: W workers take batch_size / W each, so a recipe trains the same way on
+    # any number of devices and the lr needs no scaling. world_size and batch_per_device are filled in by the run.
+    backend: str = "auto"  # auto (nccl on GPUs, gloo on CPUs) | nccl | gloo
+    sync_bn: bool = False  # BatchNorm statistics over the global batch (SyncBatchNorm; GPUs only)
+    timeout: float = 600.0  # seconds the start-up handshake or a collective may wait before the job fails
+    world_size: int = 1  # set by the run: worker processes in all
+    batch_per_device: int | None = None  # set by the run: data.batch_size / world_size
+
+
+@dataclass
 class Config:
     task: str = "classification"
     recipe: str = ""  # name of the recipe this config came from (informational)
@@ -149,6 +160,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -167,6 +179,7 @@ CHOICES = {
     "finetune.strategy": ("auto", "none", "linear-probe", "full", "partial", "staged", "gradual"),
     "sched.name": ("constant", "cosine", "linear", "onecycle", "step", "multistep", "cosine_restarts", "plateau"),
     "train.amp": ("auto", "off", "bf16", "fp16"),
+    "dist.backend": ("auto", "nccl", "gloo"),
     "task": ("classification",),
 }
 
@@ -214,6 +227,8 @@ def _coerce(key: str, value: Any, default: Any, typ: Any) -> Any:
                 raise ValueError
             return float(value)
         if "str" in tname:
+            if isinstance(value, bool):  # YAML reads off/on/no/yes as booleans: `--set train.amp=off`
+                return "on" if value else "off"
             return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"config key {key!r} expects {tname.replace(' ', '')}, got {value!r}") from None
@@ -328,6 +343,7 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.train.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
         (0 < cfg.train.ema_decay < 1, "train.ema_decay must be in (0, 1)"),
         (cfg.train.save_every >= 0, "train.save_every must be >= 0"),
+        (cfg.dist.timeout > 0, "dist.timeout must be positive (seconds)"),
         (cfg.data.crop_pct is None or 0 < cfg.data.crop_pct <= 1, "data.crop_pct must be in (0, 1]"),
         (0 < cfg.finetune.train_fraction <= 1, "finetune.train_fraction must be in (0, 1]"),
         (cfg.finetune.unfreeze_every >= 1, "finetune.unfreeze_every must be >= 1"),

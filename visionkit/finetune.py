@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .config import FinetuneConfig
-from .data.loaders import mix_seed
+from .data.loaders import Loader
 from .engine.events import Callback
 from .models import ModelError, get_classifier
 
@@ -254,29 +254,24 @@ def cache_features(model: nn.Module, head: nn.Linear, passes: list[Iterator], au
     return torch.cat(feats), torch.cat(ys)
 
 
-class FeatureLoader:
+class FeatureLoader(Loader):
     """Batches of cached features with the engine's loader interface: ``len``, ``epoch(e, start)``, shuffled as a
-    pure function of (seed, epoch) like the image loaders."""
+    pure function of (seed, epoch) like the image loaders, and split over workers the same way."""
 
-    def __init__(self, feats: torch.Tensor, targets: torch.Tensor, batch_size: int, train: bool, seed: int):
-        self.feats, self.targets, self.batch_size, self.train, self.seed = feats, targets, batch_size, train, seed
-        self.num_samples = len(feats)
+    ORDER_TAG = 0xFEA7
 
-    def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.batch_size)
-
-    def close(self) -> None:
-        """Nothing to release (the loader interface has it for worker processes)."""
+    def __init__(self, feats: torch.Tensor, targets: torch.Tensor, batch_size: int, train: bool, seed: int,
+                 rank: int = 0, world: int = 1):
+        super().__init__(len(feats), batch_size=batch_size, train=train, seed=seed, device=feats.device,
+                         channels_last=False, drop_last=False, sampler_weights=None, rank=rank, world=world)
+        self.feats, self.targets = feats, targets
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.train:
-            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0xFEA7))
-            order = torch.randperm(self.num_samples, generator=g).to(self.feats.device)
-        else:
-            order = torch.arange(self.num_samples, device=self.feats.device)
+        order = self.order(epoch).to(self.feats.device)
         for b in range(start, len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self.feats[idx], self.targets[idx]
+            idx = order[self.part(b)]
+            if len(idx):
+                yield self.feats[idx], self.targets[idx]
 
 
 class HeadOnly(nn.Module):
@@ -291,17 +286,20 @@ class HeadOnly(nn.Module):
 
 
 def probe_loaders(model: nn.Module, head: nn.Linear, train_aug, train_clean, val, cfg: FinetuneConfig,
-                  batch_size: int, seed: int, autocast: Callable, quiet: bool = False
+                  batch_size: int, seed: int, autocast: Callable, quiet: bool = False, rank: int = 0, world: int = 1
                   ) -> tuple[FeatureLoader, FeatureLoader | None]:
-    """Feature caches for a linear probe: the clean train set, ``probe_copies`` augmented passes, and val."""
+    """Feature caches for a linear probe: the clean train set, ``probe_copies`` augmented passes, and val.
+
+    With several workers every worker caches the whole set (the given loaders are unsplit) and the feature loaders
+    split each global batch, as the image loaders do."""
     t0 = time.perf_counter()
     passes = [train_clean.epoch(0)] + [train_aug.epoch(e) for e in range(cfg.probe_copies)]
     f, y = cache_features(model, head, passes, autocast)
-    train = FeatureLoader(f, y, batch_size, True, seed)
+    train = FeatureLoader(f, y, batch_size, True, seed, rank, world)
     vl = None
     if val is not None:
         fv, yv = cache_features(model, head, [val.epoch(0)], autocast)
-        vl = FeatureLoader(fv, yv, 4 * batch_size, False, seed)
+        vl = FeatureLoader(fv, yv, 4 * batch_size, False, seed, rank, world)
     if not quiet:
         n_val = vl.num_samples if vl else 0
         print(f"finetune: cached {f.shape[1]}-d features of {train_clean.num_samples} train images "

@@ -84,16 +84,32 @@ class Loader:
 
     Batch ``b`` of epoch ``e`` (its samples, order and augmentation) depends only on (seed, e, b), so
     ``list(loader.epoch(e, start=k)) == list(loader.epoch(e))[k:]``.
+
+    Several workers (``world`` > 1): ``batch_size`` is the global batch. Every worker walks the same global order
+    and takes its own contiguous part of each global batch (``part``), so the union of the workers' batch ``b`` is
+    the single-process batch ``b``: DistributedSampler's split, with the epoch re-seeded the same way. A training
+    epoch is padded with its first samples to a multiple of ``world`` (as DistributedSampler pads) so that every
+    worker gets equal batches; evaluation is never padded (a part may be one sample shorter, or empty).
     """
 
+    ORDER_TAG = 0x5EED  # mixed into the shuffling seed
+
     def __init__(self, n: int, *, batch_size: int, train: bool, seed: int, device: torch.device,
-                 channels_last: bool, drop_last: bool | None, sampler_weights: Tensor | None) -> None:
+                 channels_last: bool, drop_last: bool | None, sampler_weights: Tensor | None, rank: int = 0,
+                 world: int = 1) -> None:
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside a world of {world}")
+        if train and batch_size % world:
+            raise ValueError(f"batch size {batch_size} does not split evenly over {world} workers")
         self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.rank, self.world = rank, world
         self.device, self.channels_last = torch.device(device), channels_last
         self.num_samples = n
         self.drop_last = (train and n > batch_size) if drop_last is None else drop_last
+        pad = train and world > 1 and not self.drop_last
+        self.epoch_len = math.ceil(n / world) * world if pad else n  # positions in one epoch's order
         self.sampler_weights = None
         if sampler_weights is not None and train:
             w = torch.as_tensor(sampler_weights, dtype=torch.double).cpu()
@@ -102,17 +118,35 @@ class Loader:
             self.sampler_weights = w
 
     def __len__(self) -> int:
-        n = self.num_samples
+        n = self.epoch_len
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def order(self, epoch: int) -> Tensor:
-        """Sample indices of ``epoch`` in batch order (CPU LongTensor of length ``num_samples``)."""
+        """Sample indices of ``epoch`` in global batch order (CPU LongTensor of length ``epoch_len``)."""
         if not self.train:
             return torch.arange(self.num_samples)
-        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0x5EED))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, self.ORDER_TAG))
         if self.sampler_weights is not None:
-            return torch.multinomial(self.sampler_weights, self.num_samples, replacement=True, generator=g)
-        return torch.randperm(self.num_samples, generator=g)
+            order = torch.multinomial(self.sampler_weights, self.num_samples, replacement=True, generator=g)
+        else:
+            order = torch.randperm(self.num_samples, generator=g)
+        if self.epoch_len > len(order):
+            order = order.repeat(-(-self.epoch_len // len(order)))[:self.epoch_len]
+        return order
+
+    def part(self, b: int) -> slice:
+        """This worker's positions in ``order`` for global batch ``b``."""
+        start = b * self.batch_size
+        stop = min(start + self.batch_size, self.epoch_len)
+        if self.world == 1:
+            return slice(start, stop)
+        per, extra = divmod(stop - start, self.world)
+        lo = start + self.rank * per + min(self.rank, extra)
+        return slice(lo, lo + per + (self.rank < extra))
+
+    def batch_seed(self, epoch: int, b: int) -> int:
+        """Seed of batch ``b``'s augmentation draws (one stream per worker when several share a batch)."""
+        return mix_seed(self.seed, epoch, b) if self.world == 1 else mix_seed(self.seed, epoch, b, self.rank)
 
     def close(self) -> None:
         """Release worker processes now (a no-op without workers); the loader still works afterwards."""
@@ -157,13 +191,14 @@ class TensorLoader(Loader):
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         order = self.order(epoch).to(self.device)
-        bs = self.batch_size
         for b in range(start, len(self)):
-            idx = order[b * bs:(b + 1) * bs]
+            idx = order[self.part(b)]
+            if not len(idx):  # evaluation on several workers: the last batch can be shorter than the world
+                continue
             x = self.images.index_select(0, idx)
             if self.adapt:  # BatchAugment itself converts to len(mean) channels (cheaper: after the gather)
                 x = adapt_channels(x, self.in_chans)
-            g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, epoch, b))
+            g = torch.Generator(device=self.device).manual_seed(self.batch_seed(epoch, b))
             yield self._finish(self.augment(x, g), self.targets.index_select(0, idx))
 
 
@@ -176,9 +211,11 @@ class _EpochBatches:
         self.loader, self.epoch, self.start = weakref.proxy(loader), 0, 0
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        order, bs = self.loader.order(self.epoch).tolist(), self.loader.batch_size
+        order = self.loader.order(self.epoch).tolist()
         for b in range(self.start, len(self.loader)):
-            yield [(self.epoch, p, order[p]) for p in range(b * bs, min((b + 1) * bs, len(order)))]
+            part = self.loader.part(b)
+            if part.stop > part.start:  # (an empty part: evaluation's last batch on more workers than samples)
+                yield [(self.epoch, p, order[p]) for p in range(part.start, part.stop)]
 
     def __len__(self) -> int:
         return max(0, len(self.loader) - self.start)
@@ -244,12 +281,13 @@ def make_loader(ds: Dataset, *, batch_size: int, train: bool, seed: int, device:
                 input_size: tuple[int, int, int], mean: Sequence[float], std: Sequence[float], aug=None,
                 channels_last: bool = False, workers: int | None = None, drop_last: bool | None = None,
                 sampler_weights: Tensor | Sequence[float] | None = None, crop_pct: float = 0.875,
-                interpolation: str | None = None) -> Loader:
+                interpolation: str | None = None, rank: int = 0, world: int = 1) -> Loader:
     """A Loader for ``ds``: the tensor fast path for TensorImages, a worker DataLoader for ImageFiles.
 
     ``aug`` (an AugConfig) applies only when ``train``; eval loaders never shuffle, augment or drop batches.
     ``crop_pct`` and ``interpolation`` are the model's eval preprocessing for image files (resize to
-    size / crop_pct, centre crop), the same as prediction uses.
+    size / crop_pct, centre crop), the same as prediction uses. ``rank``/``world``: this worker's part of every
+    global batch of ``batch_size`` when several processes train (see ``Loader``).
 
     Example::
 
@@ -259,7 +297,8 @@ def make_loader(ds: Dataset, *, batch_size: int, train: bool, seed: int, device:
         for x, y in dl.epoch(0): ...
     """
     kw = {"batch_size": batch_size, "train": train, "seed": seed, "device": torch.device(device),
-          "channels_last": channels_last, "drop_last": drop_last, "sampler_weights": sampler_weights}
+          "channels_last": channels_last, "drop_last": drop_last, "sampler_weights": sampler_weights,
+          "rank": rank, "world": world}
     if isinstance(ds, TensorImages):
         return TensorLoader(ds, input_size=tuple(input_size), mean=mean, std=std, aug=aug, **kw)
     if isinstance(ds, ImageFiles):

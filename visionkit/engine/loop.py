@@ -8,6 +8,12 @@ Exact resume: every piece of changing state lives in ``self.state`` or in object
 optimizer, scheduler, scaler, EMA), and the data order/augmentation of each batch is a pure function of
 (seed, epoch, batch index). A checkpoint written after optimizer step N therefore lets a new process continue with
 batch N+1 of the same epoch and reproduce, bit for bit on CPU with ``--deterministic``, the run that never stopped.
+
+Several processes (``dist``, see ``distributed.py``): each trains its part of every global batch through
+DistributedDataParallel, whose gradient all-reduce makes the step the one a single process would take on the whole
+batch. Metrics are summed over processes before anyone reads them, so every rank takes the same decisions (best
+epoch, early stopping); rank 0 alone writes. Checkpoints hold no trace of the world size, so any number of
+processes can resume them.
 """
 from __future__ import annotations
 
@@ -22,7 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .checkpoint import FORMAT_VERSION, atomic_save, rng_state, set_rng_state
+from .distributed import Dist
 from .events import Callback
 
 
@@ -48,7 +56,8 @@ class Trainer:
                  amp_dtype: torch.dtype | None = None, grad_accum: int = 1, clip_grad: float = 0.0, ema=None,
                  mix_fn: Callable | None = None, monitor: str = "val_acc1", save_every: int = 0,
                  run_dir: str | Path | None = None, meta: dict | None = None, callbacks: list[Callback] = (),
-                 tta: bool = False, forward_model: nn.Module | None = None, epoch_checkpoints: bool = True):
+                 tta: bool = False, forward_model: nn.Module | None = None, epoch_checkpoints: bool = True,
+                 dist: Dist | None = None):
         self.model, self.task, self.opt, self.sched = model, task, optimizer, scheduler
         # what batches go through: the model itself, its torch.compile wrapper, or (linear probe) just its head on
         # cached features. Checkpoints always hold `model`.
@@ -67,6 +76,8 @@ class Trainer:
         # GradScaler only for fp16 on CUDA; bf16 has fp32's range and needs no loss scaling
         self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
         self.state = State()
+        self.dist = dist or Dist()
+        self._ddp, self._ddp_key = None, None
         self.steps_per_epoch = math.ceil(len(train_loader) / grad_accum)
 
     # ---------------------------------------------------------------- events
@@ -89,6 +100,25 @@ class Trainer:
         """The weights we evaluate and keep: the EMA copy when EMA is on."""
         return self.ema.module if self.ema is not None else self.forward_model
 
+    def train_module(self) -> nn.Module:
+        """What a training batch goes through: ``forward_model``, wrapped in DistributedDataParallel when a process
+        group is open. DDP registers the parameters that require grad when it is built, so it is built again when
+        that set changes (staged or gradual unfreezing): a stage unfrozen later is then all-reduced too."""
+        if not self.dist.enabled:
+            return self.forward_model
+        key = tuple(p.requires_grad for p in self.forward_model.parameters())
+        if key != self._ddp_key:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self._ddp = None  # the old wrapper's gradient hooks go with it
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # buffers (BatchNorm statistics) stay per rank during the epoch and are averaged before each evaluation
+            import inspect
+            no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+                else "broadcast_buffers"  # the older name (torch < 2.13)
+            self._ddp = DDP(self.forward_model, device_ids=ids, **{no_sync: False})
+            self._ddp_key = key
+        return self._ddp
+
     # ---------------------------------------------------------------- training
     def fit(self) -> dict:
         self.fire("on_fit_start")
@@ -99,7 +129,7 @@ class Trainer:
                 self.fire("on_epoch_end", row=row)
         except KeyboardInterrupt:
             # Ctrl-C: keep what finished (the last optimizer-step boundary) and let the caller exit cleanly
-            self.save("last.pt")
+            self.save("last.pt", collective=False)  # the other ranks are stopping too: no collective now
             self.fire("on_interrupt")
             raise
         if not self.epoch_checkpoints:
@@ -108,9 +138,10 @@ class Trainer:
         return self.state.history[-1] if self.state.history else {}
 
     def train_one_epoch(self) -> None:
-        st, model, loader = self.state, self.forward_model, self.train_loader
-        model.train()
+        st, loader = self.state, self.train_loader
+        self.forward_model.train()
         self.fire("on_epoch_start")  # after train(): callbacks may put frozen layers back in eval mode
+        model = self.train_module()  # after the callbacks: they decide what trains this epoch
         t0 = time.perf_counter() - st.running["time"]
         n_batches = len(loader)
         for i, (x, y) in enumerate(loader.epoch(st.epoch, start=st.batch), start=st.batch):
@@ -118,16 +149,19 @@ class Trainer:
                 x, y = self.mix_fn(x, y)
             # the last window of an epoch may be shorter than grad_accum: scale by its real length
             window = min(self.grad_accum, n_batches - (i // self.grad_accum) * self.grad_accum)
-            with self.autocast():
-                out = self.task.training_step(model, x, y)
-            loss = out["loss"] / window
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            step_now = (i + 1) % self.grad_accum == 0 or i + 1 == n_batches
+            # accumulating: gradients stay local until the window's last batch, whose backward all-reduces them once
+            with model.no_sync() if not step_now and self._ddp is model else contextlib.nullcontext():
+                with self.autocast():
+                    out = self.task.training_step(model, x, y)
+                loss = out["loss"] / window
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             # running sums stay on device: .item() would force a sync every step
             r = st.running
             r["loss_sum"] = r["loss_sum"] + out["loss"].detach() * out["n"]
             r["correct"] = r["correct"] + out["correct"]
             r["n"] += out["n"]
-            if (i + 1) % self.grad_accum == 0 or i + 1 == n_batches:
+            if step_now:
                 self.optimizer_step()
                 st.batch = i + 1
                 r["time"] = time.perf_counter() - t0
@@ -156,9 +190,10 @@ class Trainer:
     def end_epoch(self) -> dict:
         st = self.state
         r = st.running
-        n = max(int(r["n"]), 1)
-        row = {"epoch": st.epoch + 1, "lr": self.lr,
-               "train_loss": float(r["loss_sum"]) / n, "train_acc": float(r["correct"]) / n}
+        loss_sum, correct, n = distributed.all_sum(self.dist, [r["loss_sum"], r["correct"], r["n"]])
+        n = max(n, 1)
+        row = {"epoch": st.epoch + 1, "lr": self.lr, "train_loss": loss_sum / n, "train_acc": correct / n}
+        distributed.average_norm_stats(self.dist, self.model, self.ema.module if self.ema is not None else None)
         if self.val_loader is not None:
             val = self.evaluate(self.val_loader)
             row.update(val_loss=val["loss"], val_acc1=val["acc1"], val_acc5=val["acc5"])
@@ -187,7 +222,8 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, loader, model: nn.Module | None = None, full: bool = False) -> dict:
-        return evaluate(model or self.eval_model, self.task, loader, self.autocast, tta=self.tta, full=full)
+        return evaluate(model or self.eval_model, self.task, loader, self.autocast, tta=self.tta, full=full,
+                        dist=self.dist)
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint(self) -> dict:
@@ -205,9 +241,17 @@ class Trainer:
             **self.meta,
         }
 
-    def save(self, name: str) -> None:
-        if self.run_dir is not None:
-            atomic_save(self.checkpoint(), self.run_dir / name)
+    def save(self, name: str, collective: bool = True) -> None:
+        """Rank 0 writes the checkpoint. With several ranks it also holds every rank's RNG state (gathered: every
+        rank calls ``save`` at the same points), so that a resume on as many ranks continues each rank's stream."""
+        if self.run_dir is None:
+            return
+        rngs = distributed.gather(self.dist, rng_state()) if collective and self.dist.world > 1 else None
+        if self.dist.is_main:
+            ckpt = self.checkpoint()
+            if rngs is not None:
+                ckpt["rng_ranks"] = rngs
+            atomic_save(ckpt, self.run_dir / name)
             self.fire("on_save", name=name)
 
     def load_state(self, ckpt: dict) -> None:
@@ -221,13 +265,19 @@ class Trainer:
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = State(**ckpt["state"])
-        set_rng_state(ckpt["rng"])
+        ranks = ckpt.get("rng_ranks") or []
+        if len(ranks) == self.dist.world:  # resumed on as many ranks as wrote it: each rank's own stream
+            set_rng_state(ranks[self.dist.rank])
+        else:  # rank 0's stream; the other ranks branch off it (their dropout masks must differ from rank 0's)
+            set_rng_state(ckpt["rng"])
+            distributed.seed_rank(self.state.step, self.dist)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task, loader, autocast: Callable = contextlib.nullcontext, tta: bool = False,
-             full: bool = False) -> dict:
-    """One pass over ``loader`` with ``model`` in eval mode; returns the task's metrics."""
+             full: bool = False, dist: Dist | None = None) -> dict:
+    """One pass over ``loader`` with ``model`` in eval mode; returns the task's metrics. With ``dist``, each rank
+    scores its part of the data and the counts are summed: every rank returns the totals of the whole split."""
     was_training = model.training
     model.eval()
     metrics = task.new_metrics()
@@ -236,4 +286,6 @@ def evaluate(model: nn.Module, task, loader, autocast: Callable = contextlib.nul
             logits = task.predict(model, x, tta=tta)
         metrics.update(logits, y)
     model.train(was_training)
+    if dist is not None and dist.enabled:
+        metrics.sync(dist, lists=full)
     return metrics.compute(full=full)

@@ -23,14 +23,26 @@ class ClassificationMetrics:
         logits, target = logits.float(), target.long()
         self.loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
         k = min(5, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices
-        match = topk == target[:, None]
-        self.hits[1] += match[:, 0].sum().item()
-        self.hits[5] += match.any(1).sum().item()
+        # top-1 by argmax (the first class on exact ties, as eval and the report decide); topk's order on ties is
+        # not specified
+        pred = logits.argmax(1)
+        self.hits[1] += (pred == target).sum().item()
+        self.hits[5] += (logits.topk(k, dim=1).indices == target[:, None]).any(1).sum().item()
         self.n += target.numel()
-        self.preds.append(topk[:, 0].cpu())
+        self.preds.append(pred.cpu())
         self.targets.append(target.cpu())
         self.probs.append(logits.softmax(1).max(1).values.cpu())
+
+    def sync(self, d, lists: bool = False) -> None:
+        """Combine the workers' passes (``d``: a ``Dist``): counts summed exactly, every worker then holds the totals;
+        with ``lists`` also every worker's predictions (for the confusion matrix)."""
+        from ..engine.distributed import all_sum, gather
+        loss, h1, h5, n = all_sum(d, [self.loss_sum, self.hits[1], self.hits[5], self.n])
+        self.loss_sum, self.hits, self.n = loss, {1: round(h1), 5: round(h5)}, round(n)
+        if lists:
+            for name, dtype in (("preds", torch.long), ("targets", torch.long), ("probs", torch.float)):
+                mine = getattr(self, name)
+                setattr(self, name, gather(d, torch.cat(mine) if mine else torch.empty(0, dtype=dtype)))
 
     def compute(self, full: bool = False) -> dict:
         """{"loss", "acc1", "acc5", "n"}; with ``full`` also the confusion matrix and per-class P/R/F1."""
