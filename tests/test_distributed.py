@@ -203,7 +203,7 @@ def runs(tmp_path_factory):
 
 def test_two_workers_train_what_one_trains(runs):
     """2 processes x batch 32 against 1 process x batch 64, same seed, no augmentation: the same parameters after
-    the epoch's 22 steps, to float tolerance."""
+    the epoch's 16 steps, to float tolerance."""
     assert_same_weights(runs["first"]["one"], runs["first"]["two"])
 
 

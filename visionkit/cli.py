@@ -414,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        print("\ninterrupted: the last checkpoint is saved; continue with --resume RUN_DIR", file=sys.stderr)
+        if worker is None or worker["RANK"] == 0:
+            print("\ninterrupted: the last checkpoint is saved; continue with --resume RUN_DIR", file=sys.stderr)
         return 130
     except RuntimeError as e:
         from .engine.distributed import WorkerLost

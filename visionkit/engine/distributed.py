@@ -286,6 +286,7 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | No
     import logging
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -318,6 +319,12 @@ def launch(argv: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | No
                         f"sets the wait)") from None
     except ChildFailedError as e:
         return _report_failure(e, run_dir)
+    except SignalException as e:  # Ctrl-C (the workers got it too, and rank 0 said so) or a kill of the launcher
+        import signal
+        if e.sigval != signal.SIGINT:
+            print(f"error: stopped by {signal.Signals(e.sigval).name}; the last checkpoint is intact: continue with "
+                  f"`visionkit train --resume {run_dir or 'RUN_DIR'}`", file=sys.stderr)
+        return 128 + int(e.sigval)
     return 0
 
 

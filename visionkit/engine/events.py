@@ -33,9 +33,10 @@ class EarlyStopping(Callback):
 
     def on_epoch_end(self, trainer, row: dict) -> None:
         if self.patience and trainer.state.bad_epochs >= self.patience:
-            trainer.state.stop = True
-            print(f"early stopping: {trainer.monitor} has not improved for {self.patience} epochs "
-                  f"(best {trainer.state.best:.4f} at epoch {trainer.state.best_epoch})", file=sys.stderr)
+            trainer.state.stop = True  # on every rank: they all see the same (reduced) metrics
+            if getattr(trainer, "dist", None) is None or trainer.dist.is_main:
+                print(f"early stopping: {trainer.monitor} has not improved for {self.patience} epochs "
+                      f"(best {trainer.state.best:.4f} at epoch {trainer.state.best_epoch})", file=sys.stderr)
 
 
 class CSVLogger(Callback):

@@ -18,6 +18,7 @@ processes can resume them.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -112,9 +113,9 @@ class Trainer:
             self._ddp = None  # the old wrapper's gradient hooks go with it
             ids = [self.device.index] if self.device.type == "cuda" else None
             # buffers (BatchNorm statistics) stay per rank during the epoch and are averaged before each evaluation
-            import inspect
+            # and checkpoint; torch < 2.13 calls the switch broadcast_buffers
             no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
-                else "broadcast_buffers"  # the older name (torch < 2.13)
+                else "broadcast_buffers"
             self._ddp = DDP(self.forward_model, device_ids=ids, **{no_sync: False})
             self._ddp_key = key
         return self._ddp
@@ -246,7 +247,10 @@ class Trainer:
         rank calls ``save`` at the same points), so that a resume on as many ranks continues each rank's stream."""
         if self.run_dir is None:
             return
-        rngs = distributed.gather(self.dist, rng_state()) if collective and self.dist.world > 1 else None
+        rngs = None
+        if collective and self.dist.world > 1:
+            distributed.average_norm_stats(self.dist, self.model, self.ema.module if self.ema is not None else None)
+            rngs = distributed.gather(self.dist, rng_state())
         if self.dist.is_main:
             ckpt = self.checkpoint()
             if rngs is not None:
