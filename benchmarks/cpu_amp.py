@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from visionkit.api import cpu_has_bf16
+from visionkit.core.runtime import cpu_has_bf16
 from visionkit.models import create_model
 from visionkit.models.weights import packaged_for
 

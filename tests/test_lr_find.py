@@ -135,10 +135,10 @@ def test_state_mode_grads_and_rng_restored():
                             {"params": model[4].parameters(), "lr": 3e-3, "weight_decay": 0.01}])
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5)
     task = ClassificationTask(4)
-    task.training_step(model, x[:16], y[:16])["loss"].backward()  # real optimizer state (Adam moments, step)
+    task.training_step(model, (x[:16], y[:16]))["loss"].backward()  # real optimizer state (Adam moments, step)
     opt.step()
     sched.step()
-    task.training_step(model, x[16:32], y[16:32])["loss"].backward()  # leave pending grads too
+    task.training_step(model, (x[16:32], y[16:32]))["loss"].backward()  # leave pending grads too
     grads = [p.grad.clone() for p in model.parameters()]
     model.eval()
     model_before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
 import io
 import json
 import os
@@ -11,7 +12,8 @@ from pathlib import Path
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a classifier", description="Train an image classifier.")
+    p = sub.add_parser("train", help="train a model (classify or segment)",
+                       description="Train an image classifier or a semantic segmentation model.")
     _run_args(p)
     p.add_argument("--resume", help="run directory or checkpoint to continue")
     p.add_argument("--save-every", type=int, help="also checkpoint every N optimizer steps (mid-epoch resume)")
@@ -35,11 +37,14 @@ def _train_parser(sub) -> None:
 def _run_args(p) -> None:
     """The options train and lr-find share: what to train, on what, and how."""
     p.add_argument("--data", help="folder, CSV file or built-in name (see `visionkit datasets`)")
-    p.add_argument("--model", help="model name (see `visionkit models`)")
+    p.add_argument("--task", help="classify | segment (default: inferred from the data's layout)")
+    p.add_argument("--model", help="model name (see `visionkit models [--task segment]`)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--recipe", help="named recipe (see `visionkit recipes`)")
     g.add_argument("--config", help="YAML config file")
     p.add_argument("--epochs", type=int)
+    p.add_argument("--budget-min", type=float, metavar="M", help="a time budget in minutes instead of --epochs: the "
+                   "epochs that fit on this machine, evaluation included (measured on the first steps)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--out", help="run directory (default runs/<model>-<data>-<n>; never overwritten)")
@@ -70,7 +75,8 @@ def _ensemble_args(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="visionkit", description="Train, evaluate and use image classifiers.")
+    ap = argparse.ArgumentParser(prog="visionkit", description="Train, evaluate and use image classifiers and "
+                                 "segmentation models.")
     ap.add_argument("--version", action="store_true", help="print the version")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
     _train_parser(sub)
@@ -86,13 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int)
 
-    p = sub.add_parser("predict", help="classify image files (with one checkpoint or an ensemble)")
+    p = sub.add_parser("predict", help="predict image files (classes, or masks for a segmentation model)")
     p.add_argument("inputs", nargs="+", metavar="CHECKPOINT... PATH...",
                    help="one or more checkpoints (.pt files or run directories), then image files or folders")
     p.add_argument("--topk", type=int, default=5)
     _ensemble_args(p)
     p.add_argument("--format", default="table", choices=["table", "json", "csv"])
     p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="segmentation: folder for the index-PNG masks and colour overlays (never overwritten)")
 
     p = sub.add_parser("report", help="write the HTML report of a run (also written at the end of train)")
     p.add_argument("run_dir")
@@ -119,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list models and where each name resolves")
     p.add_argument("pattern", nargs="?", help="filter, e.g. 'resnet*' or 'efficientnet'")
+    p.add_argument("--task", default="classify", help="classify (default) or segment")
     sub.add_parser("recipes", help="list recipes")
     sub.add_parser("datasets", help="list built-in data sets")
     p = sub.add_parser("demo", help="train on a built-in data set that works offline and show where results are")
@@ -129,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_overrides(a) -> dict:
     from .config import parse_set
     flat = parse_set(a.set)
-    for flag, key in [("pretrained", "model.pretrained"), ("img_size", "data.img_size"), ("weights", "model.weights"),
+    for flag, key in [("task", "task"), ("budget_min", "train.budget_min"), ("pretrained", "model.pretrained"), ("img_size", "data.img_size"), ("weights", "model.weights"),
                       ("weights_strict", "model.weights_strict"), ("finetune", "finetune.strategy")]:
         if getattr(a, flag) is not None:
             flat[key] = getattr(a, flag)
@@ -157,7 +165,7 @@ def cmd_lr_find(a) -> int:
 def _launch(a) -> int:
     """``--devices N`` / ``--nnodes M``: check what can be checked here, then start the workers through torchrun's
     elastic agent running this same command (each worker finds its place in torchrun's environment)."""
-    from .api import _resolve, check_world
+    from .api import check_world, resolve_run
     from .engine import distributed
     from .engine.distributed import DistError
     if a.nnodes < 1:
@@ -165,7 +173,7 @@ def _launch(a) -> int:
     if a.rdzv_timeout <= 0:
         raise DistError("--rdzv-timeout must be positive (seconds)")
     nproc = a.devices or 1
-    cfg, ckpt = _resolve(a.data, a.model, a.recipe, a.config, a.resume, _run_overrides(a),
+    cfg, ckpt = resolve_run(a.data, a.model, a.recipe, a.config, a.resume, _run_overrides(a),
                          {k: v for k, v in {**_shortcuts(a), "save_every": a.save_every}.items() if v is not None})
     kind = distributed.plan_local(nproc, cfg.train.device)
     check_world(cfg, nproc * a.nnodes, kind)
@@ -193,10 +201,13 @@ def cmd_train(a) -> int:
         return 0
     best = s.get("best", {})
     line = f"done: {run.dir}  best epoch {best.get('epoch')}"
-    if "val_acc1" in best:
-        line += f"  val_acc1 {best['val_acc1']:.4f}"
-    if "test" in s:
-        line += f"  test_acc1 {s['test']['acc1']:.4f}"
+    mon = best.get("monitor")
+    if mon in best and mon != "train_loss":
+        line += f"  {mon} {best[mon]:.4f}"
+    test = s.get("test", {})
+    for k in ("acc1", "miou"):  # the task's headline number
+        if k in test:
+            line += f"  test_{k} {test[k]:.4f}"
     if (run.dir / "report.html").is_file():
         line += f"  report {run.dir / 'report.html'}"
     print(line)
@@ -210,6 +221,8 @@ def cmd_eval(a) -> int:
     if a.format == "json":
         print(json.dumps(res))
         return 0
+    if "miou" in res:
+        return _print_segment_eval(a.split, res)
     if len(res["members"]) > 1 or a.tta != "none":
         _print_side_by_side(res)
     loss = f"  loss={res['loss']:.4f}  ece={res['ece']:.4f}" if "loss" in res else ""
@@ -219,6 +232,18 @@ def cmd_eval(a) -> int:
     print(f"{'class':<{w}}  precision  recall     f1  support")
     for c, r in zip(res["classes"], res["per_class"]):
         print(f"{c:<{w}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:5.4f}  {r['support']:7d}")
+    return 0
+
+
+def _print_segment_eval(split: str, res: dict) -> int:
+    print(f"{split}: n={res['n']}  mIoU={res['miou']:.4f}  pixel_acc={res['pixel_acc']:.4f}  "
+          f"mean_acc={res['mean_acc']:.4f}  dice={res['dice']:.4f}  fwIoU={res['fwiou']:.4f}")
+    w = max(len(r["class"]) for r in res["per_class"])
+    print(f"{'class':<{w}}     IoU     acc  support(px)")
+    for r in res["per_class"]:
+        iou = "      -" if r["iou"] is None else f"{r['iou']:7.4f}"
+        acc = "      -" if r["acc"] is None else f"{r['acc']:7.4f}"
+        print(f"{r['class']:<{w}}  {iou} {acc}  {r['support']:11d}")
     return 0
 
 
@@ -280,7 +305,10 @@ def cmd_predict(a) -> int:
     paths = _expand(inputs)
     if not paths:
         raise DataError(f"no images found in {' '.join(inputs)}")
-    res = load(checkpoints, a.device, ensemble=a.ensemble, tta=a.tta).predict(paths, topk=a.topk)
+    predictor = load(checkpoints, a.device, ensemble=a.ensemble, tta=a.tta)
+    if getattr(predictor, "task", "classify") == "segment":
+        return _print_segment_predictions(predictor.predict(paths, out=a.out), a.format, predictor.classes)
+    res = predictor.predict(paths, topk=a.topk)
     if a.format == "json":
         print(json.dumps(res))
     elif a.format == "csv":
@@ -296,8 +324,28 @@ def cmd_predict(a) -> int:
     return 0
 
 
+def _print_segment_predictions(res: list[dict], fmt: str, classes: list[str]) -> int:
+    """Per image: the mask and overlay files written and each class's pixel fraction."""
+    if fmt == "json":
+        print(json.dumps(res))
+    elif fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["path", "mask", "overlay", *classes])
+        for r in res:
+            w.writerow([r["path"], r.get("mask", ""), r.get("overlay", ""),
+                        *(f"{r['fractions'].get(c, 0.0):.6f}" for c in classes)])
+        print(buf.getvalue(), end="")
+    else:
+        for r in res:
+            top = sorted(r["fractions"].items(), key=lambda kv: -kv[1])[:4]
+            where = f"  -> {r['mask']}" if r.get("mask") else ""
+            print(r["path"] + "  " + "  ".join(f"{c} {f:.3f}" for c, f in top) + where)
+    return 0
+
+
 def cmd_report(a) -> int:
-    from .report import build_report
+    from .api import build_report
     path = build_report(a.run_dir, out=a.out, device=a.device)
     print(f"report: {path}")
     return 0
@@ -319,6 +367,14 @@ def cmd_features(a) -> int:
 
 def cmd_models(a) -> int:
     """One row per model: the name to type (bare when the bare name picks this model), its source, a description."""
+    from .tasks import task_name
+    if task_name(a.task) == "segment":
+        from .tasks.segment.models import list_seg_models
+        rows = [r for r in list_seg_models()
+                if not a.pattern or fnmatch.fnmatch(r["name"], a.pattern) or a.pattern in r["name"]]
+        for r in rows:
+            print(f"{r['name']:<28}  {r.get('description', '')[:90]}".rstrip())
+        return 0 if rows else 1
     from .models import list_models
     rows = list_models(a.pattern)
     if not rows:
@@ -349,9 +405,12 @@ def cmd_recipes(a) -> int:
 
 def cmd_datasets(a) -> int:
     from .data import list_datasets
+    from .tasks.segment.data import SEG_SHAPES_CLASSES
     for d in list_datasets():
         where = "local" if d.get("local") else "download"
-        print(f"{d['name']:<14} {d.get('classes', ''):>4} classes  {where:<8}  {d.get('note', '')}")
+        print(f"{d['name']:<14} {d.get('classes', ''):>4} classes  {where:<8}  classify: {d.get('note', '')}")
+    print(f"{'seg-shapes':<14} {len(SEG_SHAPES_CLASSES):>4} classes  {'local':<8}  segment: generated 64 px shapes with "
+          f"textures on real photos (skimage), train 2000 / val 300 / test 500")
     return 0
 
 

@@ -60,7 +60,9 @@ class AugConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet18"  # own name, tv:NAME, timm:NAME or a bare name resolved own -> torchvision -> timm
+    # own name, tv:NAME, timm:NAME or a bare name resolved own -> torchvision -> timm; auto: the task's default
+    # (resnet18 to classify, unet to segment); `visionkit models --task segment` lists segmentation models
+    name: str = "auto"
     pretrained: bool = False
     weights: str | None = None  # local weights: state dict, safetensors or visionkit checkpoint (instead of pretrained)
     weights_strict: bool = True  # refuse a weights file with missing/unexpected/mis-shaped tensors (a head is adapted)
@@ -129,7 +131,10 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.999
     ema_warmup: bool = True  # decay ramps up over the first steps (timm's ModelEmaV3 warmup)
-    monitor: str = "val_acc1"  # metric for best.pt and early stopping (val_loss is minimised)
+    monitor: str = "auto"  # metric for best.pt, early stopping and plateau: auto (the task's: val_acc1, val_miou) or
+    # a column of metrics.csv (train_loss, train_<log>, val_loss, val_<metric>); checked before training starts
+    monitor_mode: str = "auto"  # auto (min for *loss*, else max) | min | max
+    budget_min: float = 0.0  # > 0: a time budget in minutes (whole run, evaluation included) instead of train.epochs
     patience: int = 0  # early stopping: epochs without improvement (0: off)
     save_every: int = 0  # also checkpoint every N optimizer steps, for mid-epoch resume (0: epoch ends only)
     tta: bool = False  # flip TTA for val/test evaluation
@@ -150,8 +155,17 @@ class DistConfig:
 
 
 @dataclass
+class SegmentConfig:
+    """Keys of the segment task (refused by other tasks)."""
+    loss: str = "ce"  # ce | dice | focal | ce+dice
+    aux_weight: float = 0.4  # weight of an aux head's loss (torchvision FCN/DeepLab with aux heads)
+    ignore_index: int = 255  # mask value that is no class (VOC's object boundaries; padding of crops)
+    tile: int = 0  # predict: sliding-window tile size for large images (0: resize the whole image)
+
+
+@dataclass
 class Config:
-    task: str = "classification"
+    task: str = "auto"  # auto (from the data's layout) | classify | segment
     recipe: str = ""  # name of the recipe this config came from (informational)
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -161,6 +175,7 @@ class Config:
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -180,8 +195,32 @@ CHOICES = {
     "sched.name": ("constant", "cosine", "linear", "onecycle", "step", "multistep", "cosine_restarts", "plateau"),
     "train.amp": ("auto", "off", "bf16", "fp16"),
     "dist.backend": ("auto", "nccl", "gloo"),
-    "task": ("classification",),
+    "task": ("auto", "classify", "segment"),
+    "train.monitor_mode": ("auto", "min", "max"),
+    "segment.loss": ("ce", "dice", "focal", "ce+dice"),
 }
+
+
+TASK_ALIASES = {"classification": "classify", "segmentation": "segment", "seg": "segment", "cls": "classify"}
+
+# keys that belong to one task: a run of another task refuses them (set away from their default) by name
+TASK_KEYS = {
+    "classify": ("train.label_smoothing", "aug.mixup", "aug.cutmix", "data.balance"),
+    "segment": tuple(f"segment.{f.name}" for f in fields(SegmentConfig)),
+}
+
+
+def check_task_keys(cfg: Config) -> None:
+    """One line naming the key and its task when a config sets a key that belongs to another task."""
+    default = Config()
+    for task, keys in TASK_KEYS.items():
+        if task == cfg.task:
+            continue
+        for key in keys:
+            sec, name = key.split(".")
+            if getattr(getattr(cfg, sec), name) != getattr(getattr(default, sec), name):
+                raise ConfigError(f"config key {key} belongs to the {task} task, and this run is task {cfg.task}; "
+                                  f"drop it (or train with --task {task})")
 
 
 def _to_plain(x: Any) -> Any:
@@ -249,6 +288,8 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
             _apply(cur, v, key + ".")
             continue
         v = _coerce(key, v, cur, known[k].type)
+        if key == "task":  # checkpoints before the task plug-ins say "classification"
+            v = TASK_ALIASES.get(v, v)
         if key in CHOICES and v not in CHOICES[key]:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(CHOICES[key])}; got {v!r}")
         setattr(obj, k, v)
@@ -343,6 +384,9 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.train.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
         (0 < cfg.train.ema_decay < 1, "train.ema_decay must be in (0, 1)"),
         (cfg.train.save_every >= 0, "train.save_every must be >= 0"),
+        (cfg.train.budget_min >= 0, "train.budget_min must be >= 0 (minutes; 0: off)"),
+        (cfg.segment.aux_weight >= 0, "segment.aux_weight must be >= 0"),
+        (cfg.segment.tile >= 0, "segment.tile must be >= 0 (pixels; 0: resize whole images)"),
         (cfg.dist.timeout > 0, "dist.timeout must be positive (seconds)"),
         (cfg.data.crop_pct is None or 0 < cfg.data.crop_pct <= 1, "data.crop_pct must be in (0, 1]"),
         (0 < cfg.finetune.train_fraction <= 1, "finetune.train_fraction must be in (0, 1]"),

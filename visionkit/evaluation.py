@@ -25,8 +25,11 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
 from .config import Config, ConfigError, resolve_config
+from .core.runtime import resolve_device, run_autocast
 from .engine.checkpoint import load_checkpoint
-from .metrics import per_class_report
+from .tasks.classify.data import build_bundle, loader_for
+from .tasks.classify.metrics import per_class_report
+from .tasks.classify.models import model_from_checkpoint
 
 ENSEMBLES = ("mean", "vote", "weighted")
 TTA_MODES = ("none", "flip", "flip+crops")
@@ -48,14 +51,13 @@ class Member:
 
 def load_member(checkpoint: str | Path, device: str | torch.device = "auto") -> Member:
     """Load a checkpoint in eval mode on ``device``; a run directory means its ``best.pt`` (else ``last.pt``)."""
-    from .api import _autocast, _model_from_checkpoint, resolve_device
     if Path(checkpoint).is_dir() and (Path(checkpoint) / "best.pt").is_file():
         checkpoint = Path(checkpoint) / "best.pt"
     ckpt = load_checkpoint(checkpoint)
     dev = resolve_device(device) if isinstance(device, str) else device
     cfg = resolve_config(base=ckpt["config"])
     return Member(str(ckpt["path"]), list(ckpt["classes"]), ckpt["preprocess"], cfg,
-                  _model_from_checkpoint(ckpt, dev), _autocast(cfg, dev), dev)
+                  model_from_checkpoint(ckpt, dev), run_autocast(cfg.train.amp, dev), dev)
 
 
 def load_members(checkpoints: Sequence[str | Path], device: str = "auto") -> list[Member]:
@@ -106,11 +108,10 @@ def member_probs(member: Member, ds, tta: str = "none", batch_size: int | None =
 
     Without TTA both probability tensors are the same. Probabilities are float32 on the CPU.
     """
-    from .api import _loader
     cfg = member.config
     if batch_size:  # a copy: the member's own config stays as its run wrote it
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_batch_size=batch_size))
-    loader = _loader(ds, cfg, member.preprocess, member.device, False)
+    loader = loader_for(ds, cfg, member.preprocess, member.device, False)
     plain, mean, targets = [], [], []
     try:
         for x, y in loader.epoch(0):
@@ -207,8 +208,7 @@ def score(scores: Tensor, targets: Tensor, full: bool = False, probabilities: bo
     return out
 
 
-def _dataset(cfg: Config, data: str | None, split: str):
-    from .api import build_bundle
+def dataset_split(cfg: Config, data: str | None, split: str):
     if data is not None:
         cfg = resolve_config(base=cfg.to_dict(), overrides={"data.source": data})
     bundle = build_bundle(cfg)
@@ -237,7 +237,7 @@ def evaluate_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
     if tta not in TTA_MODES:
         raise ConfigError(f"unknown --tta {tta!r}; choose from {', '.join(TTA_MODES)}")
     members = load_members(checkpoints, device)
-    bundle, ds = _dataset(members[0].config, data, split)
+    bundle, ds = dataset_split(members[0].config, data, split)
     if list(bundle.classes) != members[0].classes:
         raise ConfigError(f"the data's classes ({_describe(list(bundle.classes))}) differ from the checkpoint's "
                           f"({_describe(members[0].classes)})")
@@ -295,7 +295,7 @@ def _weights(members, data, split, tta, batch_size, eval_probs, eval_targets) ->
     if split == "val":
         return fit_weights(eval_probs, eval_targets), "val (scored out of fold)", True
     try:
-        _, val = _dataset(members[0].config, data, "val")
+        _, val = dataset_split(members[0].config, data, "val")
     except ConfigError:
         return fit_weights(eval_probs, eval_targets), f"{split} (no val split; scores out of fold)", True
     probs, ys = [], None

@@ -5,14 +5,14 @@ A checkpoint is a plain dict of tensors and Python primitives (no pickled classe
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..core.rundir import atomic_open
 
 FORMAT_VERSION = 1
 
@@ -22,22 +22,10 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` with torch.save to a temp file in the same folder, fsync, then rename over ``path``.
-
-    A crash (even SIGKILL) at any moment leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save ``obj`` through the run directory's atomic writer, fsync'd: a crash (even SIGKILL) at any moment
+    leaves either the old file or the new one, never half of one."""
+    with atomic_open(path, fsync=True) as f:
+        torch.save(obj, f)
 
 
 def rng_state() -> dict:

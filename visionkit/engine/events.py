@@ -7,11 +7,18 @@ on_fit_end (and on_interrupt on Ctrl-C). A callback overrides the ones it needs;
 from __future__ import annotations
 
 import csv
+import io
 import sys
 import time
 from pathlib import Path
 
-METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc1", "val_acc5", "time"]
+from ..core.rundir import atomic_write_bytes
+
+
+def columns(rows: list[dict]) -> list[str]:
+    """metrics.csv's columns: the union of the rows' keys, in the order they first appear (``time`` last)."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    return [c for c in cols if c != "time"] + (["time"] if "time" in cols else [])
 
 
 class Callback:
@@ -40,19 +47,19 @@ class EarlyStopping(Callback):
 
 
 class CSVLogger(Callback):
-    """metrics.csv, rewritten from the history each epoch (so a resumed run's file has each epoch exactly once)."""
+    """metrics.csv, rewritten from the history each epoch (so a resumed run's file has each epoch exactly once).
+    Its columns are whatever the task logged and its evaluator returned: nothing is dropped."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
     def on_epoch_end(self, trainer, row: dict) -> None:
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            for r in trainer.state.history:
-                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-        tmp.replace(self.path)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=columns(trainer.state.history), lineterminator="\n")
+        w.writeheader()
+        for r in trainer.state.history:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+        atomic_write_bytes(self.path, buf.getvalue().encode())
 
 
 class TensorBoardLogger(Callback):
@@ -77,7 +84,8 @@ class TensorBoardLogger(Callback):
 
 
 class Progress(Callback):
-    """A tqdm bar per epoch with loss, accuracy, lr, images/s and ETA; or, quiet, one line per epoch."""
+    """A tqdm bar per epoch with the loss, the task's logged values, lr, images/s and ETA; or, quiet, one line per
+    epoch: the train columns, val_loss and the monitored metric (plus the task's ``show`` columns)."""
 
     def __init__(self, quiet: bool = False, every: int = 20):
         self.quiet, self.every, self.bar = quiet, every, None
@@ -96,8 +104,9 @@ class Progress(Callback):
         r = trainer.state.running
         n = max(int(r["n"]), 1)
         ips = (r["n"] - self.n0) / max(time.perf_counter() - self.t0, 1e-9)
-        self.bar.set_postfix(loss=f"{float(r['loss_sum']) / n:.4f}", acc=f"{float(r['correct']) / n:.3f}",
-                             lr=f"{trainer.lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
+        logs = {k: f"{float(v) / n:.3f}" for k, v in r["logs"].items()}
+        self.bar.set_postfix(loss=f"{float(r['loss_sum']) / n:.4f}", **logs, lr=f"{trainer.lr:.2e}",
+                             img_s=f"{ips:.0f}", refresh=False)
         self.bar.update(batch - self.bar.n)
 
     def on_epoch_end(self, trainer, row: dict) -> None:
@@ -107,10 +116,10 @@ class Progress(Callback):
         every = -(-trainer.epochs // 20)  # at most ~20 lines (a linear probe runs many epochs of milliseconds)
         if row["epoch"] % every and row["epoch"] not in (1, trainer.epochs):
             return
-        parts = [f"epoch {row['epoch']}/{trainer.epochs}", f"train_loss {row['train_loss']:.4f}",
-                 f"train_acc {row['train_acc']:.4f}"]
-        if "val_acc1" in row:
-            parts += [f"val_loss {row['val_loss']:.4f}", f"val_acc1 {row['val_acc1']:.4f}"]
+        shown = [k for k in row if k.startswith("train_")]
+        shown += [k for k in ("val_loss", trainer.monitor, *getattr(trainer.task, "show", ())) if k in row]
+        parts = [f"epoch {row['epoch']}/{trainer.epochs}"]
+        parts += [f"{k} {row[k]:.4f}" for k in dict.fromkeys(shown)]
         parts += [f"lr {row['lr']:.2e}", f"{row['time']:.1f}s"]
         print("  ".join(parts), file=sys.stderr, flush=True)
 

@@ -1,8 +1,11 @@
 """The training loop: fit -> train_one_epoch / evaluate. Read it top to bottom.
 
-The loop is task-agnostic: a task turns a batch into a loss (``task.training_step``) and logits into metrics
-(``task.predict`` + ``task.new_metrics``). Extra behaviour (progress bars, CSV/TensorBoard logs, early stopping)
-hangs on a short list of events (see ``events.py``) instead of growing the loop.
+The loop knows no task vocabulary (no labels, accuracies or masks): a task turns a batch into a loss plus named
+sums to log (``task.training_step``), and model outputs into metrics (``task.predict`` + ``task.new_metrics``, the
+task's one evaluator). Every logged sum becomes a ``train_<name>`` column and every scalar the evaluator returns a
+``val_<name>`` column; the monitored column (and whether it is maximised) is the run's choice, checked before
+training starts. Extra behaviour (progress bars, CSV/TensorBoard logs, early stopping) hangs on a short list of
+events (see ``events.py``) instead of growing the loop.
 
 Exact resume: every piece of changing state lives in ``self.state`` or in objects with a ``state_dict`` (model,
 optimizer, scheduler, scaler, EMA), and the data order/augmentation of each batch is a pure function of
@@ -29,10 +32,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.runtime import autocast_for
 from . import distributed
 from .checkpoint import FORMAT_VERSION, atomic_save, rng_state, set_rng_state
 from .distributed import Dist
 from .events import Callback
+
+
+def new_running() -> dict:
+    """An epoch's running sums: loss x n, n, the task's logged sums, seconds spent."""
+    return {"loss_sum": 0.0, "n": 0, "time": 0.0, "logs": {}}
+
+
+def upgrade_state(state: dict) -> dict:
+    """A checkpoint's State from any format: before the task plug-ins, the running sums held classification's
+    ``correct`` count itself (now the task's ``acc`` log)."""
+    r = dict(state.get("running") or new_running())
+    if "correct" in r:
+        r.setdefault("logs", {})["acc"] = r.pop("correct")
+    r.setdefault("logs", {})
+    return {**state, "running": r}
 
 
 @dataclass
@@ -45,7 +64,8 @@ class State:
     best_epoch: int = -1
     bad_epochs: int = 0  # epochs since the monitored metric last improved (early stopping)
     history: list = field(default_factory=list)  # one metrics row per finished epoch
-    running: dict = field(default_factory=lambda: {"loss_sum": 0.0, "correct": 0, "n": 0, "time": 0.0})
+    running: dict = field(default_factory=lambda: new_running())
+    best_loss: float | None = None  # val_loss of the best epoch: breaks ties on the monitored metric
     stop: bool = False  # set by callbacks (early stopping)
 
 
@@ -55,7 +75,8 @@ class Trainer:
     def __init__(self, *, model: nn.Module, task, optimizer: torch.optim.Optimizer, scheduler=None,
                  sched_per_step: bool = True, train_loader, val_loader=None, epochs: int, device: torch.device,
                  amp_dtype: torch.dtype | None = None, grad_accum: int = 1, clip_grad: float = 0.0, ema=None,
-                 mix_fn: Callable | None = None, monitor: str = "val_acc1", save_every: int = 0,
+                 batch_transform: Callable | None = None, monitor: str = "val_loss", monitor_mode: str = "auto",
+                 save_every: int = 0,
                  run_dir: str | Path | None = None, meta: dict | None = None, callbacks: list[Callback] = (),
                  tta: bool = False, forward_model: nn.Module | None = None, epoch_checkpoints: bool = True,
                  dist: Dist | None = None):
@@ -66,8 +87,11 @@ class Trainer:
         self.sched_per_step = sched_per_step
         self.train_loader, self.val_loader = train_loader, val_loader
         self.epochs, self.device, self.amp_dtype = epochs, device, amp_dtype
-        self.grad_accum, self.clip_grad, self.ema, self.mix_fn = grad_accum, clip_grad, ema, mix_fn
-        self.monitor, self.save_every, self.tta = monitor, save_every, tta
+        self.grad_accum, self.clip_grad, self.ema = grad_accum, clip_grad, ema
+        self.batch_transform = batch_transform  # the task's batch-level augmentation (MixUp/CutMix), outside autocast
+        if monitor_mode == "auto":
+            monitor_mode = "min" if "loss" in monitor else "max"
+        self.monitor, self.monitor_mode, self.save_every, self.tta = monitor, monitor_mode, save_every, tta
         # False: last.pt only when fit ends (epochs of milliseconds, e.g. a linear probe, would spend their time
         # writing checkpoints); best.pt is still written whenever the monitored metric improves
         self.epoch_checkpoints = epoch_checkpoints
@@ -87,9 +111,7 @@ class Trainer:
             getattr(cb, event)(self, **kw)
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast_for(self.device, self.amp_dtype)()
 
     @property
     def lr(self) -> float:
@@ -145,23 +167,24 @@ class Trainer:
         model = self.train_module()  # after the callbacks: they decide what trains this epoch
         t0 = time.perf_counter() - st.running["time"]
         n_batches = len(loader)
-        for i, (x, y) in enumerate(loader.epoch(st.epoch, start=st.batch), start=st.batch):
-            if self.mix_fn is not None:
-                x, y = self.mix_fn(x, y)
+        for i, batch in enumerate(loader.epoch(st.epoch, start=st.batch), start=st.batch):
+            if self.batch_transform is not None:
+                batch = self.batch_transform(batch)
             # the last window of an epoch may be shorter than grad_accum: scale by its real length
             window = min(self.grad_accum, n_batches - (i // self.grad_accum) * self.grad_accum)
             step_now = (i + 1) % self.grad_accum == 0 or i + 1 == n_batches
             # accumulating: gradients stay local until the window's last batch, whose backward all-reduces them once
             with model.no_sync() if not step_now and self._ddp is model else contextlib.nullcontext():
                 with self.autocast():
-                    out = self.task.training_step(model, x, y)
+                    out = self.task.training_step(model, batch)
                 loss = out["loss"] / window
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             # running sums stay on device: .item() would force a sync every step
             r = st.running
             r["loss_sum"] = r["loss_sum"] + out["loss"].detach() * out["n"]
-            r["correct"] = r["correct"] + out["correct"]
             r["n"] += out["n"]
+            for k, v in out.get("logs", {}).items():
+                r["logs"][k] = r["logs"].get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
             if step_now:
                 self.optimizer_step()
                 st.batch = i + 1
@@ -191,34 +214,45 @@ class Trainer:
     def end_epoch(self) -> dict:
         st = self.state
         r = st.running
-        loss_sum, correct, n = distributed.all_sum(self.dist, [r["loss_sum"], r["correct"], r["n"]])
-        n = max(n, 1)
-        row = {"epoch": st.epoch + 1, "lr": self.lr, "train_loss": loss_sum / n, "train_acc": correct / n}
+        keys = sorted(r["logs"])  # the same on every rank: every rank ran the same task
+        sums = distributed.all_sum(self.dist, [r["loss_sum"], r["n"], *(r["logs"][k] for k in keys)])
+        n = max(sums[1], 1)
+        row = {"epoch": st.epoch + 1, "lr": self.lr, "train_loss": sums[0] / n,
+               **{f"train_{k}": v / n for k, v in zip(keys, sums[2:])}}
         distributed.average_norm_stats(self.dist, self.model, self.ema.module if self.ema is not None else None)
         if self.val_loader is not None:
             val = self.evaluate(self.val_loader)
-            row.update(val_loss=val["loss"], val_acc1=val["acc1"], val_acc5=val["acc5"])
+            row.update({f"val_{k}": v for k, v in val.items() if k != "n" and isinstance(v, (int, float))})
         row["time"] = r["time"]
         self.fire("on_eval_end", row=row)
-        if self.sched is not None and not self.sched_per_step:  # reduce-on-plateau: once per epoch, on a metric
-            self.sched.step(row.get("val_acc1", row["train_acc"]))
-        # best.pt follows the monitored metric; without validation the latest epoch is the best we know
         value = row.get(self.monitor)
-        improved = value is None or st.best is None or (
-            value < st.best if self.monitor.endswith("loss") else value > st.best)
+        if self.sched is not None and not self.sched_per_step:  # reduce-on-plateau: once per epoch, on the monitor
+            self.sched.step(value if value is not None else row["train_loss"])
+        improved, tie = self.improved(value, row.get("val_loss"))
+        st.bad_epochs = 0 if improved and not tie else st.bad_epochs + 1  # a tie is no progress for early stopping
         if improved:
-            st.best, st.best_epoch, st.bad_epochs = value, st.epoch + 1, 0
-        else:
-            st.bad_epochs += 1
+            st.best, st.best_epoch, st.best_loss = value, st.epoch + 1, row.get("val_loss")
         st.history.append(row)
         st.epoch += 1
         st.batch = 0
-        st.running = {"loss_sum": 0.0, "correct": 0, "n": 0, "time": 0.0}
+        st.running = new_running()
         if self.epoch_checkpoints:
             self.save("last.pt")
         if improved:
             self.save("best.pt")
         return row
+
+    def improved(self, value: float | None, loss: float | None) -> tuple[bool, bool]:
+        """(is this epoch the new best, is it only by a tie). Better on the monitor wins; on a tie (accuracies on
+        small validation sets tie often) a validation loss at least as low wins, so the later epoch is kept when
+        the loss does not say otherwise: the early epoch of a tie is rarely the model one wants. Without a value
+        (no validation) the latest epoch is the best we know."""
+        st = self.state
+        if value is None or st.best is None:
+            return True, False
+        if value != st.best:
+            return (value < st.best if self.monitor_mode == "min" else value > st.best), False
+        return loss is None or st.best_loss is None or loss <= st.best_loss, True
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -229,7 +263,9 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def checkpoint(self) -> dict:
         st = asdict(self.state)
-        st["running"] = {k: float(v) if torch.is_tensor(v) else v for k, v in st["running"].items()}
+        r = st["running"]
+        st["running"] = {**{k: float(v) if torch.is_tensor(v) else v for k, v in r.items() if k != "logs"},
+                         "logs": {k: float(v) for k, v in r["logs"].items()}}
         return {
             "format_version": FORMAT_VERSION,
             "model": self.model.state_dict(),
@@ -268,7 +304,7 @@ class Trainer:
             self.sched.load_state_dict(ckpt["scheduler"])
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.state = State(**ckpt["state"])
+        self.state = State(**upgrade_state(ckpt["state"]))
         ranks = ckpt.get("rng_ranks") or []
         if len(ranks) == self.dist.world:  # resumed on as many ranks as wrote it: each rank's own stream
             set_rng_state(ranks[self.dist.rank])
@@ -287,8 +323,8 @@ def evaluate(model: nn.Module, task, loader, autocast: Callable = contextlib.nul
     metrics = task.new_metrics()
     for x, y in loader.epoch(0):
         with autocast():
-            logits = task.predict(model, x, tta=tta)
-        metrics.update(logits, y)
+            out = task.predict(model, x, tta=tta)
+        metrics.update(out, y)
     model.train(was_training)
     if dist is not None and dist.enabled:
         metrics.sync(dist, lists=full)

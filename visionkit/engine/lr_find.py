@@ -13,7 +13,6 @@ Example::
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from dataclasses import asdict, dataclass
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.runtime import autocast_for
+from ..data.collate import to_device
 from .checkpoint import rng_state, set_rng_state
 
 BETA = 0.98  # loss smoothing, as in fastai
@@ -86,9 +87,7 @@ def lr_find(model: nn.Module, task, loader, optimizer: torch.optim.Optimizer, *,
     top = max(base)
     scales = [b / top if top > 0 else 1.0 for b in base]  # discriminative lrs keep their ratios
 
-    def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-
+    autocast = autocast_for(device, amp_dtype)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
 
     lrs: list[float] = []
@@ -102,14 +101,14 @@ def lr_find(model: nn.Module, task, loader, optimizer: torch.optim.Optimizer, *,
         while step < num_steps and not stopped_early:
             seen = 0
             batches = loader.epoch(epoch)
-            for x, y in batches:
+            for batch in batches:
                 seen += 1
                 lr = start_lr * (end_lr / start_lr) ** (step / (num_steps - 1))
                 for g, s in zip(optimizer.param_groups, scales):
                     g["lr"] = lr * s
-                x, y = x.to(device), y.to(device)
+                batch = to_device(batch, device)
                 with autocast():
-                    out = task.training_step(model, x, y)
+                    out = task.training_step(model, batch)
                 loss = out["loss"]
                 (scaler.scale(loss) if scaler else loss).backward()
                 if scaler:

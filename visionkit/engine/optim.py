@@ -31,13 +31,15 @@ def build_optimizer(model_or_groups, cfg: OptimConfig) -> torch.optim.Optimizer:
                                filter_bias_and_bn=not cfg.decay_norm_and_bias, **kw)
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, steps_per_epoch: int, lr: float):
-    """LR schedule for ``epochs`` x ``steps_per_epoch`` optimizer steps. Returns (scheduler, per_step: bool)."""
+def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, steps_per_epoch: int, lr: float,
+                    monitor_mode: str = "max"):
+    """LR schedule for ``epochs`` x ``steps_per_epoch`` optimizer steps. Returns (scheduler, per_step: bool).
+    ``monitor_mode``: whether the run's monitored metric, on which reduce-on-plateau steps, is maximised."""
     total = max(1, epochs * steps_per_epoch)
     warm = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
     spe = max(1, steps_per_epoch)
     if cfg.name == "plateau":
-        return S.ReduceLROnPlateau(opt, mode="max", factor=cfg.gamma, patience=cfg.patience), False
+        return S.ReduceLROnPlateau(opt, mode=monitor_mode, factor=cfg.gamma, patience=cfg.patience), False
     if cfg.name == "onecycle":  # its own warmup (pct_start) and annealing; also cycles momentum
         max_lrs = [g["lr"] for g in opt.param_groups]
         return S.OneCycleLR(opt, max_lr=max_lrs, total_steps=total, pct_start=cfg.pct_start), True

@@ -136,7 +136,7 @@ def explain(checkpoint: str, images: list[str], method: str = "gradcam", layer: 
         rows = explain("runs/x/best.pt", ["a.png", "b.png"], method="gradcam", target="cat", out="cams")
         rows[0]   # {'path': 'a.png', 'out': PosixPath('cams/a_gradcam.png'), 'label': 'dog', 'prob': 0.81, ...}
     """
-    from ..api import Predictor
+    from ..tasks.classify.predict import Predictor
 
     if method not in METHODS and method not in ATTENTION_METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join([*METHODS, *ATTENTION_METHODS])}")
@@ -179,7 +179,7 @@ def features(checkpoint: str, image: str, layer: str | None = None, out: str | N
 
         features("runs/x/best.pt", "cat.jpg", layer="layer3")   # PosixPath('cat_features_layer3.png')
     """
-    from ..api import Predictor
+    from ..tasks.classify.predict import Predictor
 
     pred = Predictor(checkpoint, device)
     x = _read(pred, [str(image)])

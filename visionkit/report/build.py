@@ -10,7 +10,6 @@ import csv
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import yaml
 
 from ..config import ConfigError
+from ..core.rundir import atomic_write_bytes
 from . import html as H
 from . import plots
 
@@ -144,6 +144,8 @@ def _planned_epochs(run: RunFiles) -> int | None:
 
 def _monitor_of(run: RunFiles) -> str:
     mon = (run.summary or {}).get("best", {}).get("monitor") or _cfg(run, "train.monitor", "val_acc1")
+    if mon == "auto":  # the classification task's own
+        mon = "val_acc1"
     if not any(r.get(mon) is not None for r in run.metrics):
         mon = "train_loss"
     return mon
@@ -191,9 +193,9 @@ class Predictions:
 
 def _predict_split(run: RunFiles, device, bundle=None) -> tuple[Predictions | None, str]:
     """(Predictions, "") or (None, why not): best.pt (else last.pt) on the run's validation split (else test)."""
-    from ..api import build_bundle
     from ..config import resolve_config
     from ..evaluation import load_member, member_probs, score
+    from ..tasks.classify.data import build_bundle
 
     ckpt = next((run.dir / n for n in ("best.pt", "last.pt") if (run.dir / n).is_file()), None)
     if ckpt is None:
@@ -246,12 +248,12 @@ def _model_inputs(pred: Predictions, indices: list[int]):
     """The images at ``indices`` of the split as the model sees them: a float tensor [n, C, H, W] on its device."""
     import torch
 
-    from ..api import _loader
+    from ..tasks.classify.data import loader_for
     m = pred.member
     cfg = copy.deepcopy(m.config)
     cfg.data.workers = 0  # a handful of images: worker processes would cost more than they save
     cfg.data.eval_batch_size = max(1, len(indices))
-    loader = _loader(pred.ds.subset(indices), cfg, m.preprocess, m.device, False)
+    loader = loader_for(pred.ds.subset(indices), cfg, m.preprocess, m.device, False)
     try:
         xs = [x.float() for x, _ in loader.epoch(0)]
     finally:
@@ -646,19 +648,6 @@ class Report:
 
 
 # ------------------------------------------------------------------------------------------------ entry point
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, device: str = "auto",
                  max_gallery: int = 12, cam_images: int = 4, bundle=None) -> Path:
     """Write one self-contained HTML report for a run directory; returns its path (default ``RUN_DIR/report.html``).
@@ -677,7 +666,7 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     for name, v in (("max_gallery", max_gallery), ("cam_images", cam_images)):
         if not isinstance(v, int) or v < 0:
             raise ConfigError(f"{name} must be a whole number >= 0, got {v!r}")
-    from ..api import resolve_device
+    from ..core.runtime import resolve_device
     t0 = time.perf_counter()
     run = read_run(run_dir)
     dev = resolve_device(device)  # a device that is not here is the caller's mistake, not a note in the report
@@ -709,7 +698,7 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         if name not in rep.pngs:
             (plot_dir / name).unlink(missing_ok=True)
     for name, png in rep.pngs.items():
-        _atomic_write(plot_dir / name, png)
+        atomic_write_bytes(plot_dir / name, png)
     path = Path(out) if out is not None else run.dir / "report.html"
-    _atomic_write(path, doc.encode("utf-8"))
+    atomic_write_bytes(path, doc.encode("utf-8"))
     return path

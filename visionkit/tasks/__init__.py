@@ -1,8 +1,8 @@
-"""Tasks plug into the engine: each supplies forward + loss for a batch and the metrics for evaluation.
+"""Tasks plug into the engine: one folder per task with the same file names (see ``base.py``).
 
-The loop knows nothing about labels; it hands a batch ``(x, target)`` to the task. Detection and segmentation will
-add their own Task classes with the same three methods.
+The engine knows no task vocabulary; ``visionkit.api`` dispatches on ``cfg.task`` through ``get_task``.
 """
-from .classification import ClassificationTask
+from .base import TASKS, Setup, Task, get_task, infer_task, monitor_for, task_name
+from .classify.task import ClassificationTask
 
-__all__ = ["ClassificationTask"]
+__all__ = ["TASKS", "ClassificationTask", "Setup", "Task", "get_task", "infer_task", "monitor_for", "task_name"]

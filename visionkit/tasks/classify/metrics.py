@@ -36,7 +36,7 @@ class ClassificationMetrics:
     def sync(self, d, lists: bool = False) -> None:
         """Combine the workers' passes (``d``: a ``Dist``): counts summed exactly, every worker then holds the totals;
         with ``lists`` also every worker's predictions (for the confusion matrix)."""
-        from ..engine.distributed import all_sum, gather
+        from ...engine.distributed import all_sum, gather
         loss, h1, h5, n = all_sum(d, [self.loss_sum, self.hits[1], self.hits[5], self.n])
         self.loss_sum, self.hits, self.n = loss, {1: round(h1), 5: round(h5)}, round(n)
         if lists:

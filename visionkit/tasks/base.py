@@ -1,0 +1,119 @@
+"""The contract between the engine and a task, and the task registry.
+
+A task is a folder under ``visionkit/tasks/`` with the same file names in every task (a newcomer who knows one task
+knows where everything of another lives)::
+
+    data.py        its data sources, datasets and loaders (a loader yields ``(inputs, targets)``; either may be a tree)
+    transforms.py  train / eval preprocessing (torchvision v2; tv_tensors move targets with the image)
+    models.py      its models by name
+    task.py        the Task object the engine calls, and ``setup``: a Config -> everything a run trains with
+    metrics.py     ONE evaluator (update / sync / compute) used by the loop, ``eval``, the report and ensembles
+    predict.py     a trained model as a predictor (files in, results out)
+    report.py      the task's sections of the HTML report
+
+Tasks are composed from shared parts (the engine, ``data.loaders.Loader``, ``models``), never derived from each
+other (Ultralytics' SegmentationTrainer(DetectionTrainer) is what this avoids).
+
+Example::
+
+    plugin = get_task("segment")
+    plugin.setup(cfg, ckpt=None, dist=Dist(), device=None)  # -> Setup
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Protocol
+
+import torch
+
+from ..config import TASK_ALIASES, ConfigError
+
+
+class Task(Protocol):
+    """What the engine (``engine/loop.py``) calls. Nothing in it names labels, classes or masks."""
+
+    name: str
+    monitor: tuple[str, str]  # the default monitored column and its direction, e.g. ("val_miou", "max")
+    log_names: tuple[str, ...]  # sums ``training_step`` logs: each becomes a train_<name> column (sum / n)
+    metric_names: tuple[str, ...]  # scalars ``new_metrics().compute()`` returns: each becomes a val_<name> column
+    show: tuple[str, ...]  # further columns for the progress line
+
+    def training_step(self, model: torch.nn.Module, batch: Any) -> dict:
+        """``{"loss": scalar tensor (mean over the batch), "n": batch size, "logs": {name: sum over the batch}}``."""
+
+    def predict(self, model: torch.nn.Module, x: Any, tta: bool = False) -> Any:
+        """Model outputs for evaluation (what the task's metrics take)."""
+
+    def new_metrics(self) -> Any:
+        """A fresh evaluator: ``update(outputs, targets)``, ``sync(dist, lists)``, ``compute(full) -> dict``."""
+
+
+@dataclass
+class Setup:
+    """Everything a run trains with, built by a task's ``setup`` from a Config (and its checkpoint when resuming)."""
+    device: torch.device
+    dtype: torch.dtype | None
+    bundle: Any  # the data: name, classes, train/val/test, fingerprint, summary(), bad_files
+    classes: list[str]
+    net: torch.nn.Module
+    model_cfg: dict
+    pre: dict  # the preprocessing stored in checkpoints (input size, mean, std, ...)
+    task: Task
+    train_loader: Any
+    val_loader: Any
+    opt: torch.optim.Optimizer
+    sched: Any
+    per_step: bool
+    steps_per_epoch: int
+    epochs: int
+    ema: Any
+    dist: Any
+    loader_for: Callable[[Any], Any]  # an eval loader of a split (the test split after training)
+    forward_model: torch.nn.Module | None = None
+    callbacks: list = field(default_factory=list)
+    batch_transform: Callable | None = None  # MixUp/CutMix and the like, applied by the loop outside autocast
+    decision: Any = None  # classification's fine-tuning strategy (finetune.json)
+    probe: bool = False  # classification's linear probe (the head alone on cached features)
+    meta: dict = field(default_factory=dict)  # task-specific entries for every checkpoint
+
+
+# canonical name -> module; each module has setup(), looks_like(source), summary_metrics(res), report(...), ...
+TASKS = {"classify": "visionkit.tasks.classify", "segment": "visionkit.tasks.segment"}
+
+
+def task_name(name: str) -> str:
+    """The canonical name of a task (``classification`` -> ``classify``); a one-line error for an unknown one."""
+    name = TASK_ALIASES.get(name, name)
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+    return name
+
+
+def get_task(name: str) -> ModuleType:
+    """The task's package (imported on first use: a classification run never imports segmentation code)."""
+    return importlib.import_module(TASKS[task_name(name)])
+
+
+def infer_task(source: str) -> str:
+    """The task a data source's layout implies: a segmentation layout means segment, anything else classify."""
+    return "segment" if get_task("segment").looks_like(str(source)) else "classify"
+
+
+def monitor_for(task: Task, asked: str, mode: str, has_val: bool) -> tuple[str, str]:
+    """The monitored column and its direction: the task's default (``auto``) or the one asked for, which must be a
+    column this run logs. Checked before training, so a typo cannot make every epoch "the best"."""
+    columns = ["train_loss", *(f"train_{k}" for k in task.log_names)]
+    if has_val:
+        columns += ["val_loss", *(f"val_{k}" for k in task.metric_names)]
+    if asked == "auto":
+        name, default_mode = task.monitor if has_val else ("train_loss", "min")
+    else:
+        name, default_mode = asked, ("min" if "loss" in asked else "max")
+        if name not in columns:
+            why = "" if has_val or not name.startswith("val_") else " (this run has no validation split)"
+            raise ConfigError(f"train.monitor {name!r} is not a metric of this {task.name} run{why}; "
+                              f"choose from {', '.join(columns)}")
+    return name, default_mode if mode == "auto" else mode
