@@ -209,15 +209,18 @@ def section(sid: str, body: object, title: str | None = None) -> Html:
     return Html(f'<section id="{esc(sid)}">{tag("h2", title or SECTIONS.get(sid, sid))}{esc(body)}</section>')
 
 
-def page(title: str, subtitle: object, sections: Sequence[Html], footer: object = "") -> str:
+def page(title: str, subtitle: object, sections: Sequence[Html], footer: object = "",
+         nav_sections: dict[str, str] | None = None) -> str:
     """The whole document. The Content-Security-Policy forbids every network fetch and every script: the page
     works offline, and nothing in it can run.
 
     Example::
 
         page("Run report: r1", "lenet on digits", [section("summary", para("hello"))])
+
+    ``nav_sections``: the section ids and titles the page links to (default: the classification report's).
     """
-    nav = "".join(f'<a href="#{esc(k)}">{esc(v)}</a>' for k, v in SECTIONS.items())
+    nav = "".join(f'<a href="#{esc(k)}">{esc(v)}</a>' for k, v in (nav_sections or SECTIONS).items())
     csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
     return ("<!doctype html>\n"
             '<html lang="en"><head><meta charset="utf-8">\n'

@@ -21,7 +21,7 @@ DPI = 110
 TRAIN, VAL, BEST, BAD = "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"
 
 
-def _png(fig: Figure) -> bytes:
+def png(fig: Figure) -> bytes:
     """The figure as PNG bytes (no "Software" text chunk: the bytes depend on the data only)."""
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
@@ -80,7 +80,7 @@ def curve_plots(rows: list[dict], best_epoch: int | None = None) -> dict[str, by
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8)
-        out[name] = _png(fig)
+        out[name] = png(fig)
     return out
 
 
@@ -125,7 +125,7 @@ def confusion_plot(cm: Sequence[Sequence[float]], classes: Sequence[str], normal
                     continue
                 txt = f"{v * 100:.0f}" if normalize else f"{int(v)}"
                 ax.text(j, i, txt, ha="center", va="center", fontsize=cell_fs, color="white" if v > hi else "black")
-    return _png(fig)
+    return png(fig)
 
 
 def reliability_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> list[dict]:
@@ -179,7 +179,7 @@ def reliability_plot(bins: list[dict], ece: float | None) -> bytes:
     bottom.set_xlabel("confidence (top-1 probability)")
     bottom.set_ylabel("images")
     bottom.grid(alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
 def class_count_plot(counts: dict[str, dict[str, int]], classes: Sequence[str]) -> bytes:
@@ -205,7 +205,7 @@ def class_count_plot(counts: dict[str, dict[str, int]], classes: Sequence[str]) 
     ax.set_title("Images per class", loc="left")
     fig.legend(fontsize=8, loc="outside upper right", ncol=len(counts), frameon=False)  # never over a bar
     ax.grid(axis="x", alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
 def _font(size: int):
