@@ -1,4 +1,5 @@
 """End to end through the real console script: train -> eval -> predict -> resume, bad inputs, exact resume."""
+import contextlib
 import csv
 import io
 import json
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +27,21 @@ def vk(*args, cwd=None, check=True, timeout=300):
     if check and r.returncode != 0:
         raise AssertionError(f"visionkit {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stderr[-3000:]}")
     return r
+
+
+def vk_here(*args):
+    """The CLI in this process, without an interpreter start-up per call: for user errors, which end before any
+    training (the console script itself is exercised by the other tests)."""
+    from visionkit.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse, or a message given to SystemExit
+            code = e.code if isinstance(e.code, int) else 1
+            if not isinstance(e.code, int) and e.code is not None:
+                print(e.code, file=err)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def read_csv(path):
@@ -118,16 +135,16 @@ def test_resume_extends_a_finished_run(trained, folder, tmp_path):
 
 
 def test_bad_inputs_give_one_line_errors(trained, folder, tmp_path):
-    user_error(vk("train", "--data", tmp_path / "missing", *TINY, check=False), "missing")
-    user_error(vk("train", "--data", folder, "--model", "resnet18x", "--out", tmp_path / "a", check=False),
+    user_error(vk_here("train", "--data", tmp_path / "missing", *TINY), "missing")
+    user_error(vk_here("train", "--data", folder, "--model", "resnet18x", "--out", tmp_path / "a"),
                "resnet18x")
-    user_error(vk("train", "--data", folder, *TINY, "--out", trained, check=False), "already exists")
-    user_error(vk("train", "--data", folder, *TINY, "--set", "optim.lrr=1", check=False), "optim.lrr")
-    user_error(vk("train", "--data", "nosuchset", *TINY, check=False), "nosuchset")
-    user_error(vk("train", "--resume", trained, "--model", "nin", check=False), "nin")
-    user_error(vk("eval", tmp_path / "nope.pt", "--data", folder, check=False), "not found")
+    user_error(vk_here("train", "--data", folder, *TINY, "--out", trained), "already exists")
+    user_error(vk_here("train", "--data", folder, *TINY, "--set", "optim.lrr=1"), "optim.lrr")
+    user_error(vk_here("train", "--data", "nosuchset", *TINY), "nosuchset")
+    user_error(vk_here("train", "--resume", trained, "--model", "nin"), "nin")
+    user_error(vk_here("eval", tmp_path / "nope.pt", "--data", folder), "not found")
     (tmp_path / "fake.pt").write_bytes(b"\x80\x04garbage")
-    user_error(vk("eval", tmp_path / "fake.pt", "--data", folder, check=False), "cannot read checkpoint")
+    user_error(vk_here("eval", tmp_path / "fake.pt", "--data", folder), "cannot read checkpoint")
     # nothing was written over the existing run
     assert json.loads((trained / "summary.json").read_text())["epochs_run"] == 2
 
@@ -198,23 +215,23 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
 
 
 def test_bad_weights_inputs_give_one_line_errors(trained, folder, tmp_path):
-    """The issue's bad inputs for transfer learning, through the console script; no run dir is left behind."""
+    """The issue's bad inputs for transfer learning, through the CLI; no run dir is left behind."""
     base = ["train", "--data", folder, "--img-size", "32", "--quiet", "--epochs", "1", "--set", "data.workers=0"]
     lenet = trained / "best.pt"  # a visionkit checkpoint of another architecture
-    user_error(vk(*base, "--model", "timm:resnet10t", "--weights", lenet, "--out", tmp_path / "a", check=False),
+    user_error(vk_here(*base, "--model", "timm:resnet10t", "--weights", lenet, "--out", tmp_path / "a"),
                "another architecture")
     data = (trained / "best.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 3])
-    user_error(vk(*base, "--model", "lenet", "--weights", tmp_path / "cut.pt", "--out", tmp_path / "b", check=False),
+    user_error(vk_here(*base, "--model", "lenet", "--weights", tmp_path / "cut.pt", "--out", tmp_path / "b"),
                "truncated")
     (tmp_path / "evil.pt").write_bytes(b"\x80\x04cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode()
                                        + b"'\ntR.")
-    user_error(vk(*base, "--model", "lenet", "--weights", tmp_path / "evil.pt", "--out", tmp_path / "c", check=False),
+    user_error(vk_here(*base, "--model", "lenet", "--weights", tmp_path / "evil.pt", "--out", tmp_path / "c"),
                "not a plain state dict")
     assert not (tmp_path / "pwned").exists()
-    user_error(vk(*base, "--model", "tv:squeezenet1_1", "--finetune", "linear-probe", "--out", tmp_path / "d",
-                  check=False), "Linear classifier head")
-    user_error(vk(*base, "--model", "lenet", "--pretrained", "--out", tmp_path / "e", check=False),
+    user_error(vk_here(*base, "--model", "tv:squeezenet1_1", "--finetune", "linear-probe", "--out", tmp_path / "d"),
+               "Linear classifier head")
+    user_error(vk_here(*base, "--model", "lenet", "--pretrained", "--out", tmp_path / "e"),
                "has no pretrained weights")
     assert not any((tmp_path / x).exists() for x in "abcde")
 

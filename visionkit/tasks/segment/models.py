@@ -199,12 +199,12 @@ def list_seg_models() -> list[dict[str, str]]:
     """
     import torchvision.models as tvm
 
-    from ...models import _rst_first_line
+    from ...models import rst_first_line
 
     rows = [{"name": n, "description": e.description} for n, e in sorted(_SEG.items())]
     rows += [{"name": n, "description": f"U-Net decoder over timm {n.split('-', 1)[1]} (any timm features_only "
                                         f"encoder works: unet-<encoder>)"} for n in UNET_ENCODER_EXAMPLES]
-    rows += [{"name": f"tv:{n}", "description": _rst_first_line(tvm.get_model_builder(n).__doc__)}
+    rows += [{"name": f"tv:{n}", "description": rst_first_line(tvm.get_model_builder(n).__doc__)}
              for n in _tv_seg_names()]
     return rows
 
@@ -232,8 +232,8 @@ def _resolve(name: str) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------------------------------- encoders
 def _channels_cfg(mean: tuple, std: tuple, in_chans: int, size: int) -> dict:
-    from ...models import _channels
-    return _channels({"input_size": (3, size, size), "mean": mean, "std": std}, in_chans)
+    from ...models import cfg_for_channels
+    return cfg_for_channels({"input_size": (3, size, size), "mean": mean, "std": std}, in_chans)
 
 
 def _encoder_arch(name: str) -> tuple[str, str]:
@@ -681,7 +681,7 @@ def _create_tv(name: str, num_classes: int, in_chans: int, pretrained: bool, aux
                kwargs: dict) -> TorchvisionSeg:
     import torchvision.models as tvm
 
-    from ...models import _set_in_chans
+    from ...models import set_in_chans
 
     canonical = f"tv:{name}"
     builder = tvm.get_model_builder(name)
@@ -708,7 +708,7 @@ def _create_tv(name: str, num_classes: int, in_chans: int, pretrained: bool, aux
                 net.aux_classifier = None
             model = TorchvisionSeg(net)
             if in_chans != 3:
-                _set_in_chans(model.encoder, in_chans, keep_weights=True)
+                set_in_chans(model.encoder, in_chans, keep_weights=True)
             if num_classes != len(weights.meta["categories"]):
                 model.reset_classifier(num_classes)
         else:
@@ -717,7 +717,7 @@ def _create_tv(name: str, num_classes: int, in_chans: int, pretrained: bool, aux
             net = builder(weights=None, weights_backbone=None, num_classes=num_classes, **opts)
             model = TorchvisionSeg(net)
             if in_chans != 3:
-                _set_in_chans(model.encoder, in_chans, keep_weights=False)
+                set_in_chans(model.encoder, in_chans, keep_weights=False)
     except TypeError as e:
         m = re.search(r"unexpected keyword argument '(\w+)'", str(e))
         raise (ModelError(f"{canonical} does not accept the option {m.group(1)!r}") if m else e) from None
@@ -816,9 +816,9 @@ def load_model_file(model: SegModel, path: str | Path, strict: bool = True) -> d
         >>> load_model_file(create_seg_model("unet", 2), "unet-voc.pth")["loaded"]  # doctest: +SKIP
         62
     """
-    from ...models.weights import _strip_prefixes, read_state_dict
+    from ...models.weights import read_state_dict, strip_prefixes
 
-    sd = _strip_prefixes(read_state_dict(path), model.state_dict())
+    sd = strip_prefixes(read_state_dict(path), model.state_dict())
     aux_sd = {k[len("aux_head."):]: v for k, v in sd.items() if k.startswith("aux_head.")}
     rest = {k: v for k, v in sd.items() if not k.startswith("aux_head.")}
     aux, model.aux_head = model.aux_head, None

@@ -30,7 +30,7 @@ from ...config import ConfigError
 from ...core.rundir import atomic_write_bytes
 from ...report import html as H
 from ...report import plots
-from ...report.build import RunFiles, read_run
+from ...report.build import RunFiles, best_epoch, cfg_value, duration, first_line, monitor_of, pct, read_run
 
 PLOT_DIR = "report"
 PLOT_NAMES = ("curves_loss.png", "curves_lr.png", "curves_quality.png", "per_class_iou.png", "confusion_norm.png",
@@ -50,20 +50,10 @@ PCT_KEYS = ("miou", "iou", "acc", "dice", "fwiou")
 
 
 # ------------------------------------------------------------------------------------------------ formatting
-def _first_line(e: BaseException) -> str:
-    return ((str(e).strip().splitlines() or [""])[0] or type(e).__name__)[:300]
 
 
-def _pct(x: float | None, digits: int = 1) -> str:
-    return "—" if x is None or not math.isfinite(x) else f"{x * 100:.{digits}f}%"
 
 
-def _duration(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    s = round(seconds)
-    h, m = divmod(s // 60, 60)
-    return f"{h} h {m:02d} min" if h else f"{m} min {s % 60:02d} s" if m else f"{seconds:.1f} s"
 
 
 def _metric(key: str, v: float | None) -> str:
@@ -73,11 +63,11 @@ def _metric(key: str, v: float | None) -> str:
     if key == "epoch":
         return str(int(v))
     if key == "time":
-        return _duration(v) or "—"
+        return duration(v) or "—"
     if key == "lr":
         return f"{v:.3g}"
     if any(k in key for k in PCT_KEYS):
-        return _pct(v, 2)
+        return pct(v, 2)
     return f"{v:.4f}"
 
 
@@ -259,7 +249,7 @@ def _predict_split(run: RunFiles, device, bundle=None) -> tuple[Predictions | No
     try:
         m = load_seg_model(ckpt, device)
     except (ValueError, OSError, RuntimeError, KeyError) as e:
-        return None, f"the checkpoint {ckpt.name} cannot be used: {_first_line(e)}"
+        return None, f"the checkpoint {ckpt.name} cannot be used: {first_line(e)}"
     source = m.config.data.source
     try:  # the split exactly as training made it (or the one training just used); never a download from a report
         if bundle is None:
@@ -269,7 +259,7 @@ def _predict_split(run: RunFiles, device, bundle=None) -> tuple[Predictions | No
                 over["data.source"] = str(Path(cwd) / source)
             bundle = build_bundle(resolve_config(base=m.config.to_dict(), overrides=over))
     except (ValueError, OSError, RuntimeError) as e:
-        return None, f"the run's data ({source}) cannot be loaded here: {_first_line(e)}"
+        return None, f"the run's data ({source}) cannot be loaded here: {first_line(e)}"
     split, ds = next(((s, d) for s in ("val", "test") if (d := getattr(bundle, s, None)) is not None and len(d)),
                      (None, None))
     if ds is None:
@@ -285,7 +275,7 @@ def _predict_split(run: RunFiles, device, bundle=None) -> tuple[Predictions | No
         loader = loader_for(ds, m.config, m.preprocess, m.device, False)
         res = evaluate(m.model, _Scoring(task, scorer), loader, m.autocast, tta=bool(m.config.train.tta), full=True)
     except (ValueError, OSError, RuntimeError) as e:
-        return None, f"the model could not be run on the {split} split: {_first_line(e)}"
+        return None, f"the model could not be run on the {split} split: {first_line(e)}"
     finally:
         if loader is not None and hasattr(loader, "close"):
             loader.close()
@@ -322,31 +312,10 @@ def _model_view(pred: Predictions, indices: list[int]) -> list[np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------ the run's files
-def _cfg(run: RunFiles, key: str, default=None):
-    sec, _, name = key.partition(".")
-    v = run.config.get(sec, {})
-    return v.get(name, default) if isinstance(v, dict) else default
 
 
-def _monitor_of(run: RunFiles) -> str:
-    mon = (run.summary or {}).get("best", {}).get("monitor") or _cfg(run, "train.monitor", "auto")
-    if mon == "auto":
-        mon = "val_miou"
-    if not any(r.get(mon) is not None for r in run.metrics):
-        mon = "train_loss"
-    return mon
 
 
-def _best_epoch(run: RunFiles) -> int | None:
-    """The epoch kept as best.pt: summary.json's, else the best metrics row by the run's monitor."""
-    ep = (run.summary or {}).get("best", {}).get("epoch")
-    if ep is not None:
-        return int(ep)
-    mon = _monitor_of(run)
-    rows = [r for r in run.metrics if r.get(mon) is not None]
-    if not rows:
-        return None
-    return (min if "loss" in mon else max)(rows, key=lambda r: r[mon])["epoch"]
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -356,7 +325,7 @@ class SegReport:
     def __init__(self, run: RunFiles, pred: Predictions | None, why: str, max_gallery: int) -> None:
         self.run, self.pred, self.why, self.max_gallery = run, pred, why, max_gallery
         self.pngs: dict[str, bytes] = {}
-        self.best = _best_epoch(run)
+        self.best = best_epoch(run, "val_miou")
         self.classes = list(pred.classes if pred else run.classes or ((run.data or {}).get("summary") or {})
                             .get("classes") or [])
         self.palette = pred.palette if pred else None
@@ -386,19 +355,19 @@ class SegReport:
                               "below come from metrics.csv."))
         out += [H.note(p) for p in run.problems]
         best_row = next((r for r in run.metrics if r["epoch"] == self.best), None) or summ.get("best") or None
-        mon = _monitor_of(run)
-        planned = _cfg(run, "train.epochs")
+        mon = monitor_of(run, "val_miou")
+        planned = cfg_value(run, "train.epochs")
         epochs_run = summ.get("epochs_run", len(run.metrics))
         test = summ.get("test") or {}
-        wall = _duration(summ.get("wall_seconds"))
+        wall = duration(summ.get("wall_seconds"))
         out.append(H.cards([
             ("task", run.config.get("task") or "segment"),
-            ("model", _cfg(run, "model.name")),
-            ("data", (run.data or {}).get("name") or _cfg(run, "data.source")),
+            ("model", cfg_value(run, "model.name")),
+            ("data", (run.data or {}).get("name") or cfg_value(run, "data.source")),
             ("best epoch", f"{self.best} of {epochs_run}" if self.best is not None else "—"),
             (f"best {mon}", _metric(mon, best_row.get(mon)) if best_row else "—"),
-            ("test mIoU", _pct(test.get("miou"), 2) if test.get("miou") is not None else None),
-            ("test pixel acc", _pct(test.get("pixel_acc"), 2) if test.get("pixel_acc") is not None else None),
+            ("test mIoU", pct(test.get("miou"), 2) if test.get("miou") is not None else None),
+            ("test pixel acc", pct(test.get("pixel_acc"), 2) if test.get("pixel_acc") is not None else None),
             ("epochs", f"{epochs_run} of {planned}" if planned is not None else epochs_run),
             ("wall time", wall),
         ]))
@@ -410,14 +379,14 @@ class SegReport:
              if planned is not None else epochs_run),
             ("wall time", wall),
             ("device", " — ".join(str(x) for x in (env.get("device"), env.get("device_name")) if x)),
-            ("seed", env.get("seed", _cfg(run, "train.seed"))),
+            ("seed", env.get("seed", cfg_value(run, "train.seed"))),
             ("command", env.get("command")),
             ("recipe", run.config.get("recipe") or None),
-            ("model", f"{_cfg(run, 'model.name')} {_cfg(run, 'model.kwargs') or ''}".strip()),
-            ("optimizer", f"{_cfg(run, 'optim.name')}, lr {_cfg(run, 'optim.lr')}" if _cfg(run, "optim.name")
+            ("model", f"{cfg_value(run, 'model.name')} {cfg_value(run, 'model.kwargs') or ''}".strip()),
+            ("optimizer", f"{cfg_value(run, 'optim.name')}, lr {cfg_value(run, 'optim.lr')}" if cfg_value(run, "optim.name")
              else None),
-            ("loss", _cfg(run, "segment.loss")),
-            ("batch size", _cfg(run, "data.batch_size")),
+            ("loss", cfg_value(run, "segment.loss")),
+            ("batch size", cfg_value(run, "data.batch_size")),
             ("training images", summ.get("n_train")),
             ("validation images", summ.get("n_val")),
         ]))
@@ -476,18 +445,18 @@ class SegReport:
         lo = min((rows[i]["iou"] for i in scored), default=None)
         hi = max((rows[i]["iou"] for i in scored), default=None)
         worst = [i for i in scored if lo is not None and rows[i]["iou"] == lo and lo < hi]
-        body = [[_class_cell(str(r["class"]), pal, i), H.num(_pct(r["iou"], 1)), H.num(_pct(r["acc"], 1)),
-                 H.num(_pct(r["dice"], 1)), H.num(f"{r['support']:,}"), H.num(_pct(r["support"] / total, 2))]
+        body = [[_class_cell(str(r["class"]), pal, i), H.num(pct(r["iou"], 1)), H.num(pct(r["acc"], 1)),
+                 H.num(pct(r["dice"], 1)), H.num(f"{r['support']:,}"), H.num(pct(r["support"] / total, 2))]
                 for i, r in enumerate(rows)]
         text = (f"{self._split().capitalize()} split, {s['n']} images, {total:,} labelled pixels; mIoU "
-                f"{_pct(s['miou'], 2)} (the mean over classes seen in truth or prediction). IoU = TP / (TP + FP + FN), "
+                f"{pct(s['miou'], 2)} (the mean over classes seen in truth or prediction). IoU = TP / (TP + FP + FN), "
                 "acc = recall of the class's pixels, support = its true pixels.")
         out = [H.para(text, "muted")]
         if self.pred.changed:
             out.append(H.note(f"Careful: {self.pred.changed}."))
         if worst:
             out.append(H.para(f"Weakest class (highlighted): {', '.join(classes[i] for i in worst)} "
-                              f"(IoU {_pct(lo, 1)})."))
+                              f"(IoU {pct(lo, 1)})."))
         out.append(H.plots([self._plot("per_class_iou.png", iou_bar_plot(rows, pal, s["miou"]), "IoU per class")]))
         out.append(H.table(["class", H.num("IoU"), H.num("acc"), H.num("Dice"), H.num("support pixels"),
                             H.num("share")], body, ["worst" if i in worst else None for i in range(len(rows))]))
@@ -522,13 +491,13 @@ class SegReport:
         try:
             view = dict(zip(worst + best, _model_view(p, worst + best)))
         except (ValueError, OSError, RuntimeError) as e:
-            return H.note(f"The {self._split()} images could not be read back for the gallery: {_first_line(e)}")
+            return H.note(f"The {self._split()} images could not be read back for the gallery: {first_line(e)}")
         legend = H.join([H.tag("span", H.join([_swatch(c), name]), style="margin-right:14px;white-space:nowrap")
                          for name, c in zip(p.classes, p.palette)])
         scored = len(p.image_iou)
         n_split = p.scores.get("n", scored)
         first = f"the first {scored} of the {n_split}" if scored < n_split else f"the {scored}"
-        median = _pct(float(np.median(p.image_iou[ok])), 1)
+        median = pct(float(np.median(p.image_iou[ok])), 1)
         out = [H.para(f"Each {self._split()} image is scored on its own (its mIoU over the classes in its truth or "
                       f"prediction) for {first} {self._split()} images; median {median}. Each tile: the image as "
                       "the model sees it | the true mask | the predicted mask.", "muted"),
@@ -541,14 +510,14 @@ class SegReport:
                 truth_png, truth = _mask_png(colorize(p.targets[i], p.palette))
                 pred_png, pred = _mask_png(colorize(p.preds[i], p.palette))
                 iou = p.image_iou[i]
-                cap = H.join([H.tag("b", f"mIoU {_pct(iou, 1)}", "bad" if name == "worst" else "good"),
+                cap = H.join([H.tag("b", f"mIoU {pct(iou, 1)}", "bad" if name == "worst" else "good"),
                               H.tag("span", f" · {self._split()} image #{i}", "muted"), H.Html("<br>"),
                               H.tag("span", "image | truth | prediction", "muted")])
                 tiles.append(H.tile([(plots.thumbnail(view[i], TILE_PX), f"{self._split()} image {i}"),
-                                     (truth_png, "true mask"), (pred_png, f"predicted mask, mIoU {_pct(iou, 1)}")],
+                                     (truth_png, "true mask"), (pred_png, f"predicted mask, mIoU {pct(iou, 1)}")],
                                     cap))
                 images += [view[i], truth, pred]
-                titles += [f"#{i}", "truth", f"pred {_pct(iou, 0)}"]
+                titles += [f"#{i}", "truth", f"pred {pct(iou, 0)}"]
             self.pngs[f"gallery_{name}.png"] = plots.image_grid(images, titles, cols=6, size=TILE_PX)
             out.append(H.tag("h3", f"{title} {len(pick)} by image mIoU"))
             grid = "display:grid;gap:10px;grid-template-columns:repeat(auto-fill,minmax(min(100%,330px),1fr))"
@@ -578,7 +547,7 @@ class SegReport:
         ])]
         if classes and splits:
             frac = {sp: v.get("pixel_fraction") or {} for sp, v in splits.items()}
-            rows = [[_class_cell(c, self.palette, i), *[H.num(_pct(frac[sp].get(c), 2)) for sp in frac]]
+            rows = [[_class_cell(c, self.palette, i), *[H.num(pct(frac[sp].get(c), 2)) for sp in frac]]
                     for i, c in enumerate(classes)]
             out.append(H.tag("h3", "Pixels per class"))
             out.append(H.para("Each class's share of the labelled (not ignored) pixels of each split.", "muted"))
@@ -623,8 +592,8 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         t = time.perf_counter()
         sections.append(H.section(sid, fn(), SECTIONS[sid]))
         timings[sid] = time.perf_counter() - t
-    model = _cfg(run, "model.name") or "?"
-    data = (run.data or {}).get("name") or _cfg(run, "data.source") or "?"
+    model = cfg_value(run, "model.name") or "?"
+    data = (run.data or {}).get("name") or cfg_value(run, "data.source") or "?"
     started = (run.env or {}).get("started")
     subtitle = f"segmentation · {model} on {data}" + (f" · started {started}" if started else "") + \
         f" · {run.dir.resolve()}"
