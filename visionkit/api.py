@@ -261,8 +261,8 @@ def fit_budget(trainer: Trainer, s: Setup, cfg: Config, run_dir: Path, t_start: 
     was = cfg.train.epochs
     cfg.train.epochs = trainer.epochs = p.epochs
     if s.sched is not None:
-        for g in s.opt.param_groups:  # undo the first schedule's start before laying out the new one
-            g["lr"] = g.get("initial_lr", g["lr"])
+        for g in s.opt.param_groups:  # undo the first schedule's start before laying out the new one (one-cycle
+            g["lr"] = g.get("max_lr", g.get("initial_lr", g["lr"]))  # keeps its peak apart: initial_lr = peak / 25)
         sched_cfg = dataclasses.replace(cfg.sched, warmup_epochs=cfg.sched.warmup_epochs * p.epochs / was)
         trainer.sched, _ = build_scheduler(s.opt, sched_cfg, p.epochs, s.steps_per_epoch, cfg.optim.lr,
                                            trainer.monitor_mode)

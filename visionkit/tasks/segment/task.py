@@ -108,7 +108,7 @@ def setup(cfg: Config, ckpt: dict | None, dist: Dist | None = None, device: torc
     d = dist or Dist()
     device = device or resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed, cfg.train.deterministic)  # the same on every rank: identical set-up
-    dtype = amp_dtype(cfg.train.amp, device)
+    dtype = amp_dtype(cfg.train.amp, device, warn=d.is_main)
     bundle = build_bundle(cfg)
     classes = list(bundle.classes)
     if ckpt is not None and list(ckpt["classes"]) != classes:
