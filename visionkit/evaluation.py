@@ -54,8 +54,10 @@ def load_member(checkpoint: str | Path, device: str | torch.device = "auto") -> 
     if Path(checkpoint).is_dir() and (Path(checkpoint) / "best.pt").is_file():
         checkpoint = Path(checkpoint) / "best.pt"
     ckpt = load_checkpoint(checkpoint)
-    dev = resolve_device(device) if isinstance(device, str) else device
     cfg = resolve_config(base=ckpt["config"])
+    if cfg.task != "classify":  # explain, features and the classification report reach here for any checkpoint
+        raise ConfigError(f"{ckpt['path']} is a {cfg.task} model; this command is for classification models")
+    dev = resolve_device(device) if isinstance(device, str) else device
     return Member(str(ckpt["path"]), list(ckpt["classes"]), ckpt["preprocess"], cfg,
                   model_from_checkpoint(ckpt, dev), run_autocast(cfg.train.amp, dev), dev)
 
