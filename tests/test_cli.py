@@ -17,8 +17,9 @@ from PIL import Image
 
 VK = [sys.executable, "-m", "visionkit"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-# a small own model at 32 px on 2 cores: every CLI run here takes a few seconds
-TINY = ["--model", "lenet", "--img-size", "32", "--batch-size", "16", "--quiet", "--set", "data.workers=0"]
+# a small own model at 32 px on 2 cores: every CLI run here takes a few seconds (no report: test_report covers it)
+TINY = ["--model", "lenet", "--img-size", "32", "--batch-size", "16", "--quiet", "--set", "data.workers=0",
+        "train.report=false"]
 
 
 def vk(*args, cwd=None, check=True, timeout=300):
@@ -168,7 +169,7 @@ def test_bad_images_fail_lists_all_then_skip_records(folder, tmp_path):
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     """--deterministic on CPU: a run killed by SIGKILL and resumed ends with the same metrics as one never stopped."""
     args = ["--data", "fake", "--model", "lenet", "--epochs", "2", "--batch-size", "32", "--deterministic",
-            "--quiet", "--device", "cpu", "--set", "aug.mixup=0.2", "model.drop_rate=0.2"]
+            "--quiet", "--device", "cpu", "--set", "aug.mixup=0.2", "model.drop_rate=0.2", "train.report=false"]
     vk("train", *args, "--out", tmp_path / "full")
     run = tmp_path / "killed"
     p = subprocess.Popen([*VK, "train", *args, "--out", str(run), "--save-every", "5"], env=ENV,

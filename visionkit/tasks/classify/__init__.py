@@ -5,8 +5,8 @@
 """
 from __future__ import annotations
 
+from ... import report as _report
 from ...evaluation import evaluate_checkpoints
-from ...report import build_report as report
 from .predict import Predictor
 from .task import ClassificationTask, setup
 
@@ -17,6 +17,11 @@ __all__ = ["ClassificationTask", "Predictor", "evaluate_checkpoints", "looks_lik
 def looks_like(source: str) -> bool:
     """Anything that is not another task's layout is classification data (its builder says what is wrong)."""
     return True
+
+
+def report(*args, **kw):
+    """The classification report (``visionkit.report.build_report``, looked up at call time)."""
+    return _report.build_report(*args, **kw)
 
 
 def summary_metrics(res: dict) -> dict:
