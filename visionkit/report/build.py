@@ -193,9 +193,32 @@ class Predictions:
         return self.probs[np.arange(len(self.targets)), self.targets]
 
 
+def eval_split(run: RunFiles, config, classes: list[str], build_bundle, bundle=None) -> tuple:
+    """(bundle, split name, dataset, "") of the split a report scores — validation, else test — rebuilt exactly as
+    training made it (a relative --data path from where train ran; never a download), or (None, None, None, why)."""
+    from ..config import resolve_config
+    source = config.data.source
+    try:
+        if bundle is None:
+            over: dict = {"data.download": False}
+            cwd = (run.env or {}).get("cwd")  # a relative --data path is relative to where train ran
+            if cwd and not Path(source).is_absolute() and not Path(source).exists() and (Path(cwd) / source).exists():
+                over["data.source"] = str(Path(cwd) / source)
+            bundle = build_bundle(resolve_config(base=config.to_dict(), overrides=over))
+    except (ValueError, OSError, RuntimeError) as e:
+        return None, None, None, f"the run's data ({source}) cannot be loaded here: {first_line(e)}"
+    split, ds = next(((s, d) for s in ("val", "test") if (d := getattr(bundle, s, None)) is not None and len(d)),
+                     (None, None))
+    if ds is None:
+        return None, None, None, f"{source} has no validation or test split (val_split is 0 and there is no test set)"
+    if list(bundle.classes) != list(classes):
+        return None, None, None, (f"the data at {source} no longer has the checkpoint's classes "
+                                  f"({len(bundle.classes)} vs {len(classes)} classes): it changed since training")
+    return bundle, split, ds, ""
+
+
 def _predict_split(run: RunFiles, device, bundle=None) -> tuple[Predictions | None, str]:
     """(Predictions, "") or (None, why not): best.pt (else last.pt) on the run's validation split (else test)."""
-    from ..config import resolve_config
     from ..evaluation import load_member, member_probs, score
     from ..tasks.classify.data import build_bundle
 
@@ -206,23 +229,9 @@ def _predict_split(run: RunFiles, device, bundle=None) -> tuple[Predictions | No
         member = load_member(ckpt, device)
     except (ValueError, OSError, RuntimeError) as e:
         return None, f"the checkpoint {ckpt.name} cannot be used: {first_line(e)}"
-    source = member.config.data.source
-    try:  # the split exactly as training made it (or the one training just used); never a download from a report
-        if bundle is None:
-            over = {"data.download": False}
-            cwd = (run.env or {}).get("cwd")  # a relative --data path is relative to where train ran
-            if cwd and not Path(source).is_absolute() and not Path(source).exists() and (Path(cwd) / source).exists():
-                over["data.source"] = str(Path(cwd) / source)
-            bundle = build_bundle(resolve_config(base=member.config.to_dict(), overrides=over))
-    except (ValueError, OSError, RuntimeError) as e:
-        return None, f"the run's data ({source}) cannot be loaded here: {first_line(e)}"
-    split, ds = next(((s, d) for s in ("val", "test") if (d := getattr(bundle, s, None)) is not None and len(d)),
-                     (None, None))
+    bundle, split, ds, why = eval_split(run, member.config, member.classes, build_bundle, bundle)
     if ds is None:
-        return None, f"{source} has no validation or test split (val_split is 0 and there is no test set)"
-    if list(bundle.classes) != member.classes:
-        return None, (f"the data at {source} no longer has the checkpoint's classes ({len(bundle.classes)} vs "
-                      f"{len(member.classes)} classes): it changed since training")
+        return None, why
     try:
         probs, _, targets = member_probs(member, ds)
     except (ValueError, OSError, RuntimeError) as e:

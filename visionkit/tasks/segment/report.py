@@ -30,7 +30,7 @@ from ...config import ConfigError
 from ...core.rundir import atomic_write_bytes
 from ...report import html as H
 from ...report import plots
-from ...report.build import RunFiles, best_epoch, cfg_value, duration, first_line, monitor_of, pct, read_run
+from ...report.build import RunFiles, best_epoch, cfg_value, duration, eval_split, first_line, monitor_of, pct, read_run
 
 PLOT_DIR = "report"
 PLOT_NAMES = ("curves_loss.png", "curves_lr.png", "curves_quality.png", "per_class_iou.png", "confusion_norm.png",
@@ -238,7 +238,6 @@ class Predictions:
 
 def _predict_split(run: RunFiles, device, bundle=None) -> tuple[Predictions | None, str]:
     """(Predictions, "") or (None, why not): best.pt (else last.pt) on the run's validation split (else test)."""
-    from ...config import resolve_config
     from ...engine.loop import evaluate
     from .predict import load_seg_model
     from .task import SegmentationTask, build_bundle, loader_for
@@ -251,22 +250,9 @@ def _predict_split(run: RunFiles, device, bundle=None) -> tuple[Predictions | No
     except (ValueError, OSError, RuntimeError, KeyError) as e:
         return None, f"the checkpoint {ckpt.name} cannot be used: {first_line(e)}"
     source = m.config.data.source
-    try:  # the split exactly as training made it (or the one training just used); never a download from a report
-        if bundle is None:
-            over: dict = {"data.download": False}
-            cwd = (run.env or {}).get("cwd")  # a relative --data path is relative to where train ran
-            if cwd and not Path(source).is_absolute() and not Path(source).exists() and (Path(cwd) / source).exists():
-                over["data.source"] = str(Path(cwd) / source)
-            bundle = build_bundle(resolve_config(base=m.config.to_dict(), overrides=over))
-    except (ValueError, OSError, RuntimeError) as e:
-        return None, f"the run's data ({source}) cannot be loaded here: {first_line(e)}"
-    split, ds = next(((s, d) for s in ("val", "test") if (d := getattr(bundle, s, None)) is not None and len(d)),
-                     (None, None))
+    bundle, split, ds, why = eval_split(run, m.config, m.classes, build_bundle, bundle)
     if ds is None:
-        return None, f"{source} has no validation or test split"
-    if list(bundle.classes) != m.classes:
-        return None, (f"the data at {source} no longer has the checkpoint's classes ({len(bundle.classes)} vs "
-                      f"{len(m.classes)} classes): it changed since training")
+        return None, why
     ignore = m.preprocess.get("ignore_index", 255)
     task = SegmentationTask(len(m.classes), loss=None, ignore_index=ignore, class_names=m.classes)
     scorer = _PerImage(task.new_metrics(), len(m.classes), ignore, MAX_SCORED)
