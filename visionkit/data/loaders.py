@@ -205,7 +205,7 @@ class TensorLoader(Loader):
 class _EpochBatches:
     """Batch sampler yielding ``[(epoch, position, index), ...]``; epoch/start are set before each iteration."""
 
-    def __init__(self, loader: FileLoader) -> None:
+    def __init__(self, loader: WorkerLoader) -> None:
         # a weak reference: no loader <-> sampler cycle, so a dropped loader is freed (and its worker processes shut
         # down) at once, by this process, instead of by a later garbage collection that may run in a forked worker
         self.loader, self.epoch, self.start = weakref.proxy(loader), 0, 0
@@ -239,25 +239,16 @@ class _SeededTransform(Dataset):
             return self.transform(img), y
 
 
-class FileLoader(Loader):
-    """Image files through a DataLoader with persistent workers; mid-epoch start slices the index list."""
+class WorkerLoader(Loader):
+    """Samples decoded and transformed in a DataLoader with persistent workers (any task's files): a subclass builds
+    the per-sample dataset, indexed by ``(epoch, position, index)``, and passes it to ``start_workers``. Mid-epoch
+    start slices the index list."""
 
-    def __init__(self, ds: ImageFiles, *, input_size: tuple[int, int, int], mean, std, aug,
-                 workers: int | None, crop_pct: float = 0.875, interpolation: str | None = None, **kw) -> None:
-        super().__init__(len(ds), **kw)
-        from visionkit.transforms import build_eval_transform, build_train_transform
-
-        augment = self.train and aug is not None
-        if augment:
-            tf = build_train_transform(aug, input_size, mean, std)
-        else:
-            interp = interpolation or getattr(aug, "interpolation", None) or "bilinear"
-            tf = build_eval_transform(input_size, mean, std, crop_pct=crop_pct, interpolation=interp)
+    def start_workers(self, samples: Dataset, workers: int | None) -> None:
         workers = min(4, os.cpu_count() or 1) if workers is None else workers
         self.batches = _EpochBatches(self)
-        self.dl = DataLoader(_SeededTransform(ds, tf, self.seed, augment),
-                             batch_sampler=self.batches, num_workers=workers, persistent_workers=workers > 0,
-                             pin_memory=self.device.type == "cuda",
+        self.dl = DataLoader(samples, batch_sampler=self.batches, num_workers=workers,
+                             persistent_workers=workers > 0, pin_memory=self.device.type == "cuda",
                              generator=torch.Generator().manual_seed(self.seed))  # keeps the global RNG untouched
 
     def close(self) -> None:
@@ -275,6 +266,23 @@ class FileLoader(Loader):
         nb = self.device.type == "cuda"
         for x, y in self.dl:
             yield self._finish(x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb))
+
+
+class FileLoader(WorkerLoader):
+    """Image files of a classification set: each sample's transform seeded from (seed, epoch, position)."""
+
+    def __init__(self, ds: ImageFiles, *, input_size: tuple[int, int, int], mean, std, aug,
+                 workers: int | None, crop_pct: float = 0.875, interpolation: str | None = None, **kw) -> None:
+        super().__init__(len(ds), **kw)
+        from visionkit.transforms import build_eval_transform, build_train_transform
+
+        augment = self.train and aug is not None
+        if augment:
+            tf = build_train_transform(aug, input_size, mean, std)
+        else:
+            interp = interpolation or getattr(aug, "interpolation", None) or "bilinear"
+            tf = build_eval_transform(input_size, mean, std, crop_pct=crop_pct, interpolation=interp)
+        self.start_workers(_SeededTransform(ds, tf, self.seed, augment), workers)
 
 
 def make_loader(ds: Dataset, *, batch_size: int, train: bool, seed: int, device: torch.device | str,

@@ -32,7 +32,6 @@ import os
 import re
 import statistics
 import sys
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,13 +42,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile, ImageOps
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from visionkit.data.datasets import load_rgb
 from visionkit.data.errors import DataError
-from visionkit.data.loaders import Loader, isolated_rng, mix_seed
+from visionkit.data.loaders import Loader, WorkerLoader, isolated_rng, mix_seed
 from visionkit.data.validate import bad_files_error, check_image
 
 from .transforms import IGNORE_INDEX, SegBatchAugment, build_seg_eval_transform, build_seg_train_transform
@@ -965,23 +964,6 @@ class SegTensorLoader(Loader):
             yield self._finish(x, y)
 
 
-class _SegBatches:
-    """Batch sampler yielding ``[(epoch, position, index), ...]``; epoch/start are set before each iteration."""
-
-    def __init__(self, loader: SegFileLoader) -> None:
-        self.loader, self.epoch, self.start = weakref.proxy(loader), 0, 0  # weak: no loader <-> sampler cycle
-
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        order = self.loader.order(self.epoch).tolist()
-        for b in range(self.start, len(self.loader)):
-            part = self.loader.part(b)
-            if part.stop > part.start:
-                yield [(self.epoch, p, order[p]) for p in range(part.start, part.stop)]
-
-    def __len__(self) -> int:
-        return max(0, len(self.loader) - self.start)
-
-
 class _SeededSegTransform(Dataset):
     """Decode + jointly transform one pair; train-time randomness seeded from (seed, epoch, position in epoch)."""
 
@@ -1002,8 +984,8 @@ class _SeededSegTransform(Dataset):
         return x.as_subclass(Tensor), y.as_subclass(Tensor)
 
 
-class SegFileLoader(Loader):
-    """Image/mask files through a DataLoader with persistent workers; mid-epoch start slices the index list."""
+class SegFileLoader(WorkerLoader):
+    """Image/mask files: each pair decoded and jointly transformed in the worker pool, seeded per position."""
 
     def __init__(self, ds: SegFiles, *, input_size: tuple[int, int, int], mean: Sequence[float],
                  std: Sequence[float], aug, workers: int | None, ignore_index: int = IGNORE_INDEX, **kw) -> None:
@@ -1013,26 +995,7 @@ class SegFileLoader(Loader):
             tf = build_seg_train_transform(aug, input_size, mean, std, ignore_index)
         else:
             tf = build_seg_eval_transform(input_size, mean, std)
-        workers = min(4, os.cpu_count() or 1) if workers is None else workers
-        self.batches = _SegBatches(self)
-        self.dl = DataLoader(_SeededSegTransform(ds, tf, self.seed, augment), batch_sampler=self.batches,
-                             num_workers=workers, persistent_workers=workers > 0,
-                             pin_memory=self.device.type == "cuda",
-                             generator=torch.Generator().manual_seed(self.seed))  # keeps the global RNG untouched
-
-    def close(self) -> None:
-        it = getattr(self.dl, "_iterator", None)
-        if it is not None:
-            it._shutdown_workers()
-            self.dl._iterator = None
-
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        self.batches.epoch, self.batches.start = epoch, start
-        if start >= len(self):
-            return
-        nb = self.device.type == "cuda"
-        for x, y in self.dl:
-            yield self._finish(x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb))
+        self.start_workers(_SeededSegTransform(ds, tf, self.seed, augment), workers)
 
 
 def make_seg_loader(ds: Dataset, *, batch_size: int, train: bool, seed: int, device: torch.device | str,
