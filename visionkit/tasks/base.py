@@ -80,6 +80,25 @@ class Setup:
     meta: dict = field(default_factory=dict)  # task-specific entries for every checkpoint
 
 
+def start_run(cfg, dist=None, device: torch.device | None = None) -> tuple[Any, torch.device, torch.dtype | None]:
+    """What every task's ``setup`` starts with: this worker's ``Dist``, its device and autocast dtype, and every RNG
+    seeded the same on every rank (identical set-up)."""
+    from ..core.runtime import amp_dtype, resolve_device, seed_everything
+    from ..engine.distributed import Dist
+    d = dist or Dist()
+    device = device or resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    return d, device, amp_dtype(cfg.train.amp, device, warn=d.is_main)
+
+
+def check_resume_classes(ckpt: dict | None, classes: list[str]) -> None:
+    """A resumed run must see the classes its checkpoint was trained on."""
+    from ..engine.checkpoint import CheckpointError
+    if ckpt is not None and list(ckpt["classes"]) != list(classes):
+        raise CheckpointError(f"cannot resume: checkpoint has {len(ckpt['classes'])} classes "
+                              f"({', '.join(ckpt['classes'][:5])}...), the data has {len(classes)}")
+
+
 # canonical name -> module; each module has setup(), looks_like(source), summary_metrics(res), report(...), ...
 TASKS = {"classify": "visionkit.tasks.classify", "segment": "visionkit.tasks.segment"}
 

@@ -12,15 +12,14 @@ from torch import nn
 
 from ... import finetune as ft
 from ...config import Config
-from ...core.runtime import amp_dtype, autocast_for, resolve_device, seed_everything
+from ...core.runtime import autocast_for
 from ...data import class_weights
 from ...engine import distributed
-from ...engine.checkpoint import CheckpointError
 from ...engine.distributed import Dist
 from ...engine.optim import build_optimizer, build_scheduler
 from ...models import create_model
 from ...transforms import build_batch_mix
-from ..base import Setup, monitor_for
+from ..base import Setup, check_resume_classes, monitor_for, start_run
 from .data import build_bundle, loader_for, preprocess_for
 from .metrics import ClassificationMetrics
 
@@ -81,16 +80,10 @@ def setup(cfg: Config, ckpt: dict | None, dist: Dist | None = None, device: torc
     """Data, model (pretrained weights and the fine-tuning strategy included), loaders, optimizer and schedule.
 
     ``dist``/``device``: this worker's place and device when several train (``distributed.init`` chose them)."""
-    d = dist or Dist()
-    device = device or resolve_device(cfg.train.device)
-    seed_everything(cfg.train.seed, cfg.train.deterministic)  # the same on every rank: identical set-up
-    dtype = amp_dtype(cfg.train.amp, device, warn=d.is_main)
-
+    d, device, dtype = start_run(cfg, dist, device)
     bundle = build_bundle(cfg)
     classes = list(bundle.classes)
-    if ckpt is not None and list(ckpt["classes"]) != classes:
-        raise CheckpointError(f"cannot resume: checkpoint has {len(ckpt['classes'])} classes "
-                              f"({', '.join(ckpt['classes'][:5])}...), the data has {len(classes)}")
+    check_resume_classes(ckpt, classes)
 
     source = cfg.model.weights or cfg.model.pretrained  # a local file wins over hub weights
     net = create_model(cfg.model.name, num_classes=len(classes), in_chans=bundle.in_chans,

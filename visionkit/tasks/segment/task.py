@@ -18,12 +18,10 @@ from torch import nn
 
 from ... import finetune as ft
 from ...config import Config, ConfigError
-from ...core.runtime import amp_dtype, resolve_device, seed_everything
 from ...engine import distributed
-from ...engine.checkpoint import CheckpointError
 from ...engine.distributed import Dist
 from ...engine.optim import build_optimizer, build_scheduler
-from ..base import Setup, monitor_for
+from ..base import Setup, check_resume_classes, monitor_for, start_run
 from .data import SegBundle, build_seg_data, make_seg_loader
 from .losses import build_seg_loss
 from .metrics import SegMetrics
@@ -105,15 +103,10 @@ def model_kwargs(cfg: Config) -> tuple[dict, bool]:
 
 def setup(cfg: Config, ckpt: dict | None, dist: Dist | None = None, device: torch.device | None = None) -> Setup:
     """Data, model (pretrained encoder included), loaders, optimizer and schedule of a segmentation run."""
-    d = dist or Dist()
-    device = device or resolve_device(cfg.train.device)
-    seed_everything(cfg.train.seed, cfg.train.deterministic)  # the same on every rank: identical set-up
-    dtype = amp_dtype(cfg.train.amp, device, warn=d.is_main)
+    d, device, dtype = start_run(cfg, dist, device)
     bundle = build_bundle(cfg)
     classes = list(bundle.classes)
-    if ckpt is not None and list(ckpt["classes"]) != classes:
-        raise CheckpointError(f"cannot resume: checkpoint has {len(ckpt['classes'])} classes "
-                              f"({', '.join(ckpt['classes'][:5])}...), the data has {len(classes)}")
+    check_resume_classes(ckpt, classes)
     source = cfg.model.weights or cfg.model.pretrained
     kw, aux = model_kwargs(cfg)
     net = create_seg_model(cfg.model.name, num_classes=len(classes), in_chans=3,
