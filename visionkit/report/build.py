@@ -193,6 +193,12 @@ class Predictions:
         return self.probs[np.arange(len(self.targets)), self.targets]
 
 
+def report_checkpoint(run: RunFiles) -> tuple[Path | None, str]:
+    """(the checkpoint a report scores: best.pt, else last.pt, "") or (None, why not)."""
+    ckpt = next((run.dir / n for n in ("best.pt", "last.pt") if (run.dir / n).is_file()), None)
+    return ckpt, "" if ckpt else "no checkpoint yet (neither best.pt nor last.pt is in the run directory)"
+
+
 def eval_split(run: RunFiles, config, classes: list[str], build_bundle, bundle=None) -> tuple:
     """(bundle, split name, dataset, "") of the split a report scores — validation, else test — rebuilt exactly as
     training made it (a relative --data path from where train ran; never a download), or (None, None, None, why)."""
@@ -222,9 +228,9 @@ def _predict_split(run: RunFiles, device, bundle=None) -> tuple[Predictions | No
     from ..evaluation import load_member, member_probs, score
     from ..tasks.classify.data import build_bundle
 
-    ckpt = next((run.dir / n for n in ("best.pt", "last.pt") if (run.dir / n).is_file()), None)
+    ckpt, why = report_checkpoint(run)
     if ckpt is None:
-        return None, "no checkpoint yet (neither best.pt nor last.pt is in the run directory)"
+        return None, why
     try:
         member = load_member(ckpt, device)
     except (ValueError, OSError, RuntimeError) as e:

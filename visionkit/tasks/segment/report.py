@@ -30,7 +30,18 @@ from ...config import ConfigError
 from ...core.rundir import atomic_write_bytes
 from ...report import html as H
 from ...report import plots
-from ...report.build import RunFiles, best_epoch, cfg_value, duration, eval_split, first_line, monitor_of, pct, read_run
+from ...report.build import (
+    RunFiles,
+    best_epoch,
+    cfg_value,
+    duration,
+    eval_split,
+    first_line,
+    monitor_of,
+    pct,
+    read_run,
+    report_checkpoint,
+)
 
 PLOT_DIR = "report"
 PLOT_NAMES = ("curves_loss.png", "curves_lr.png", "curves_quality.png", "per_class_iou.png", "confusion_norm.png",
@@ -242,9 +253,9 @@ def _predict_split(run: RunFiles, device, bundle=None) -> tuple[Predictions | No
     from .predict import load_seg_model
     from .task import SegmentationTask, build_bundle, loader_for
 
-    ckpt = next((run.dir / n for n in ("best.pt", "last.pt") if (run.dir / n).is_file()), None)
+    ckpt, why = report_checkpoint(run)
     if ckpt is None:
-        return None, "no checkpoint yet (neither best.pt nor last.pt is in the run directory)"
+        return None, why
     try:
         m = load_seg_model(ckpt, device)
     except (ValueError, OSError, RuntimeError, KeyError) as e:
