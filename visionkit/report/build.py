@@ -193,6 +193,18 @@ class Predictions:
         return self.probs[np.arange(len(self.targets)), self.targets]
 
 
+def run_notes(run: RunFiles) -> list:
+    """Notes on what a run directory lacks (no metrics yet, no summary yet, unreadable files), for a report's top."""
+    out = []
+    if not run.metrics:
+        out.append(H.note("No metrics yet: metrics.csv is missing or has no rows (the run has not finished an "
+                          "epoch). This report shows what exists so far."))
+    elif run.summary is None:
+        out.append(H.note("summary.json is missing: the run is still training or was interrupted. The numbers "
+                          "below come from metrics.csv."))
+    return out + [H.note(p) for p in run.problems]
+
+
 def report_checkpoint(run: RunFiles) -> tuple[Path | None, str]:
     """(the checkpoint a report scores: best.pt, else last.pt, "") or (None, why not)."""
     ckpt = next((run.dir / n for n in ("best.pt", "last.pt") if (run.dir / n).is_file()), None)
@@ -346,15 +358,7 @@ class Report:
     # -------------------------------------------------------------------------------- summary
     def summary(self) -> H.Html:
         run, env, summ = self.run, self.run.env or {}, self.run.summary or {}
-        out = []
-        if not run.metrics:
-            out.append(H.note("No metrics yet: metrics.csv is missing or has no rows (the run has not finished an "
-                              "epoch). This report shows what exists so far."))
-        elif run.summary is None:
-            out.append(H.note("summary.json is missing: the run is still training or was interrupted. The numbers "
-                              "below come from metrics.csv."))
-        for p in run.problems:
-            out.append(H.note(p))
+        out = run_notes(run)
         best_row = next((r for r in run.metrics if r["epoch"] == self.best), None)
         if best_row is None and summ.get("best"):
             best_row = summ["best"]

@@ -41,6 +41,7 @@ from ...report.build import (
     pct,
     read_run,
     report_checkpoint,
+    run_notes,
 )
 
 PLOT_DIR = "report"
@@ -343,14 +344,7 @@ class SegReport:
     # -------------------------------------------------------------------------------- summary
     def summary(self) -> H.Html:
         run, env, summ = self.run, self.run.env or {}, self.run.summary or {}
-        out = []
-        if not run.metrics:
-            out.append(H.note("No metrics yet: metrics.csv is missing or has no rows (the run has not finished an "
-                              "epoch). This report shows what exists so far."))
-        elif run.summary is None:
-            out.append(H.note("summary.json is missing: the run is still training or was interrupted. The numbers "
-                              "below come from metrics.csv."))
-        out += [H.note(p) for p in run.problems]
+        out = run_notes(run)
         best_row = next((r for r in run.metrics if r["epoch"] == self.best), None) or summ.get("best") or None
         mon = monitor_of(run, "val_miou")
         planned = cfg_value(run, "train.epochs")
