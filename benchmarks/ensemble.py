@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "out" / "ensemble.json"))
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from visionkit.evaluation import evaluate_checkpoints
+    from visionkit.tasks.classify.evaluate import evaluate_checkpoints
 
     tmp = Path(tempfile.mkdtemp(prefix="vk-ens-"))
     if a.runs:

@@ -56,3 +56,24 @@ def test_roundtrip_through_dict():
     cfg = resolve_config(recipe="default")
     again = resolve_config(base=cfg.to_dict())
     assert again == cfg
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_recipe_section_for_cpus_without_bf16(monkeypatch, capsys, has_bf16):
+    """fast-cpu's cpu_without_bf16 section narrows fastnet where fp32 is the fast path; the user's keys win."""
+    import visionkit.core.runtime as rt
+    monkeypatch.setattr(rt, "cpu_has_bf16", lambda: has_bf16)
+    cfg = resolve_config(recipe="fast-cpu", overrides={"train.device": "cpu"})
+    assert cfg.model.name == "fastnet"
+    assert cfg.model.kwargs == ({} if has_bf16 else {"width": 24})
+    assert ("no native bf16" in capsys.readouterr().err) is not has_bf16
+    if not has_bf16:
+        mine = resolve_config(recipe="fast-cpu", overrides={"train.device": "cpu", "model.kwargs.width": 32})
+        assert mine.model.kwargs == {"width": 32}
+        other = resolve_config(recipe="fast-cpu", overrides={"train.device": "cpu", "model.name": "resnet18_small"})
+        assert other.model.kwargs == {}
+
+
+def test_model_kwargs_from_a_later_layer_add_to_the_recipe_s():
+    cfg = resolve_config(recipe="seg-cpu", overrides={"model.kwargs.norm": "group"})
+    assert cfg.model.kwargs == {"base": 8, "norm": "group"}

@@ -10,7 +10,7 @@ from PIL import Image
 
 import visionkit
 from visionkit.config import ConfigError
-from visionkit.evaluation import combine, cross_fit, evaluate_checkpoints, fit_weights, score, tta_views
+from visionkit.tasks.classify.evaluate import combine, cross_fit, evaluate_checkpoints, fit_weights, score, tta_views
 
 FAST = {"data.img_size": 28, "data.batch_size": 32, "aug.hflip": 0.0, "model.kwargs": {"width": 16},
         "data.split_seed": 0, "optim.lr": 3e-3, "train.report": False}
@@ -82,7 +82,7 @@ def runs(tmp_path_factory):
 
 
 def test_a_run_directory_means_its_best_checkpoint(runs):
-    from visionkit.evaluation import load_member
+    from visionkit.tasks.classify.evaluate import load_member
     assert load_member(runs[0].parent, "cpu").path == str(runs[0])
     assert visionkit.load(runs[0].parent).members[0].path == str(runs[0])
 

@@ -220,8 +220,8 @@ def test_chromium_renders_every_section_and_image(browser, report, tmp_path, wid
 def test_reliability_bins_give_torchmetrics_ece():
     import torch
 
-    from visionkit.evaluation import score
     from visionkit.report.plots import reliability_bins
+    from visionkit.tasks.classify.evaluate import score
     g = torch.Generator().manual_seed(0)
     probs = torch.softmax(3 * torch.randn(500, 7, generator=g), 1)
     probs[:5] = torch.eye(7)[:5]  # confidence exactly 1.0 lands in the last bin

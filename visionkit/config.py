@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+FP32_CPU_SECTION = "cpu_without_bf16"  # a recipe section applied on CPUs without native bf16 (see resolve_config)
 
 
 class ConfigError(ValueError):
@@ -288,6 +290,8 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
             _apply(cur, v, key + ".")
             continue
         v = _coerce(key, v, cur, known[k].type)
+        if isinstance(cur, dict):  # model.kwargs: a later layer adds to (or replaces) keys, it does not drop others
+            v = {**cur, **v}
         if key == "task":  # checkpoints before the task plug-ins say "classification"
             v = TASK_ALIASES.get(v, v)
         if key in CHOICES and v not in CHOICES[key]:
@@ -363,15 +367,53 @@ def resolve_config(recipe: str | None = None, config_file: str | None = None,
         base = {sec: ({k: v for k, v in val.items() if f"{sec}.{k}" not in RETIRED_KEYS} if isinstance(val, dict)
                       else val) for sec, val in base.items()}
         _apply(cfg, base)
+    fp32_cpu: dict = {}
     if recipe:
-        _apply(cfg, load_yaml(recipe_path(recipe)))
+        data = load_yaml(recipe_path(recipe))
+        fp32_cpu = data.pop(FP32_CPU_SECTION, None) or {}
+        _apply(cfg, data)
         cfg.recipe = recipe
-    if config_file:
-        _apply(cfg, load_yaml(config_file))
-    if overrides:
-        _apply(cfg, nest({k: v for k, v in overrides.items() if v is not None}))
+    user = load_yaml(config_file) if config_file else {}
+    if user:
+        _apply(cfg, user)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if given:
+        _apply(cfg, nest(given))
+    if fp32_cpu:
+        _apply_fp32_cpu(cfg, recipe, fp32_cpu, set(flatten(user)) | set(given))
     validate(cfg)
     return cfg
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1} (the inverse of :func:`nest`)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _apply_fp32_cpu(cfg: Config, recipe: str, section: dict, user_keys: set[str]) -> None:
+    """A recipe's ``cpu_without_bf16:`` section: dotted keys used instead of the recipe's own when the run trains on a
+    CPU without native bf16 (AVX2-only CPUs such as AMD Zen 3, where ``amp: auto`` means fp32 and a step costs ~3x
+    what it costs with bf16), unless the user set the same key. A time budget then buys a model whose epochs fit."""
+    from .core.runtime import cpu_has_bf16, resolve_device  # runtime imports this module
+    if resolve_device(cfg.train.device).type != "cpu" or cpu_has_bf16():
+        return
+    if not isinstance(section, dict):
+        raise ConfigError(f"recipe {recipe}: {FP32_CPU_SECTION} must hold dotted keys, e.g. model.kwargs.width: 24")
+    # the user's own keys win; a model of the user's choosing takes none of the recipe's model.* keys
+    keys = {k: v for k, v in section.items()
+            if k not in user_keys and not (k.startswith("model.") and "model.name" in user_keys)}
+    if not keys:
+        return
+    _apply(cfg, nest(keys))
+    if not cfg.train.quiet:
+        print(f"recipe {recipe}: this CPU has no native bf16 (fp32 is the fast path), so the recipe uses "
+              + ", ".join(f"{k}={v}" for k, v in keys.items()), file=sys.stderr)
 
 
 def validate(cfg: Config) -> None:

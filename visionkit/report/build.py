@@ -237,8 +237,8 @@ def eval_split(run: RunFiles, config, classes: list[str], build_bundle, bundle=N
 
 def _predict_split(run: RunFiles, device, bundle=None) -> tuple[Predictions | None, str]:
     """(Predictions, "") or (None, why not): best.pt (else last.pt) on the run's validation split (else test)."""
-    from ..evaluation import load_member, member_probs, score
     from ..tasks.classify.data import build_bundle
+    from ..tasks.classify.evaluate import load_member, member_probs, score
 
     ckpt, why = report_checkpoint(run)
     if ckpt is None:

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from ... import report as _report
-from ...evaluation import evaluate_checkpoints
+from .evaluate import evaluate_checkpoints
 from .predict import Predictor
 from .task import ClassificationTask, setup
 

@@ -1,5 +1,6 @@
-"""Evaluation metrics. Top-k and loss are accumulated per batch; the confusion matrix and per-class report come
-from torchmetrics over the collected predictions."""
+"""Classification metrics, the one implementation behind the training loop's validation, ``eval``, the report and
+ensembles (``tasks.classify.evaluate.score`` feeds its probabilities through it). Top-k and loss are accumulated per
+batch; the confusion matrix and per-class report come from torchmetrics over the collected predictions."""
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,10 @@ class ClassificationMetrics:
         # top-1 by argmax (the first class on exact ties, as eval and the report decide); topk's order on ties is
         # not specified
         pred = logits.argmax(1)
-        self.hits[1] += (pred == target).sum().item()
-        self.hits[5] += (logits.topk(k, dim=1).indices == target[:, None]).any(1).sum().item()
+        hit1 = pred == target
+        self.hits[1] += hit1.sum().item()
+        # a top-1 hit is a top-5 hit even when ties put other classes first in topk's order
+        self.hits[5] += ((logits.topk(k, dim=1).indices == target[:, None]).any(1) | hit1).sum().item()
         self.n += target.numel()
         self.preds.append(pred.cpu())
         self.targets.append(target.cpu())

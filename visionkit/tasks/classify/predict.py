@@ -13,7 +13,8 @@ import torch
 
 from ...config import ConfigError
 from ...data import DataError, load_rgb
-from ...evaluation import (
+from ...transforms import build_eval_transform
+from .evaluate import (
     ENSEMBLES,
     TTA_MODES,
     combine,
@@ -23,7 +24,6 @@ from ...evaluation import (
     member_probs,
     tta_views,
 )
-from ...transforms import build_eval_transform
 
 
 class Predictor:

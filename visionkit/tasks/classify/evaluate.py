@@ -6,7 +6,7 @@ every ensemble come from one forward pass per view.
 
 Example::
 
-    from visionkit.evaluation import evaluate_checkpoints
+    from visionkit.tasks.classify.evaluate import evaluate_checkpoints
     res = evaluate_checkpoints(["a/best.pt", "b/best.pt"], "fashion-mnist", split="test", ensemble="mean",
                                tta="flip")
     res["acc1"], [m["acc1"] for m in res["members"]]
@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
-from .config import Config, ConfigError, resolve_config
-from .core.runtime import resolve_device, run_autocast
-from .engine.checkpoint import load_checkpoint
-from .tasks.classify.data import build_bundle, loader_for
-from .tasks.classify.metrics import per_class_report
-from .tasks.classify.models import model_from_checkpoint
+from ...config import Config, ConfigError, resolve_config
+from ...core.runtime import resolve_device, run_autocast
+from ...engine.checkpoint import load_checkpoint
+from .data import build_bundle, loader_for
+from .metrics import ClassificationMetrics
+from .models import model_from_checkpoint
 
 ENSEMBLES = ("mean", "vote", "weighted")
 TTA_MODES = ("none", "flip", "flip+crops")
@@ -190,23 +190,21 @@ def cross_fit(probs: Tensor, targets: Tensor, seed: int = 0) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ metrics
 def score(scores: Tensor, targets: Tensor, full: bool = False, probabilities: bool = True) -> dict:
-    """acc1, acc5, loss (log loss) and ece (expected calibration error, 15 bins) of ``[N, K]`` scores.
+    """acc1, acc5, loss (log loss) and ece (expected calibration error, 15 bins) of ``[N, K]`` scores, through the
+    same :class:`ClassificationMetrics` the training loop validates with (log-probabilities are its logits: their
+    cross-entropy is the log loss).
 
     ``probabilities=False`` (votes) leaves loss and ece out: they need calibrated probabilities.
     """
     from torchmetrics.functional.classification import multiclass_calibration_error
-    n, k = scores.shape
-    pred = scores.argmax(1)  # ties (common with bf16 logits) go to the first class, as numpy's argmax
-    top5 = scores.topk(min(5, k), dim=1).indices
-    hit1 = pred == targets
-    out = {"n": n, "acc1": hit1.float().mean().item(),
-           "acc5": ((top5 == targets[:, None]).any(1) | hit1).float().mean().item()}
+    k = scores.shape[1]
+    m = ClassificationMetrics(k)
+    m.update(scores.clamp_min(1e-12).log() if probabilities else scores, targets)
+    out = m.compute(full)
     if probabilities:
-        p = scores.clamp_min(1e-12)
-        out["loss"] = F.nll_loss(p.log(), targets).item()
         out["ece"] = multiclass_calibration_error(scores, targets, num_classes=k, n_bins=15, norm="l1").item()
-    if full:
-        out.update(per_class_report(pred, targets, k))
+    else:
+        del out["loss"]
     return out
 
 
