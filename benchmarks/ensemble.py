@@ -6,7 +6,7 @@ held-out test split (10,000 images, seen by neither model nor by any fitting), a
 Each member is a real `visionkit train` subprocess (recipe fast-cpu, the same validation hold-out through
 `data.split_seed`). fast-cpu holds out no validation images, so the weighted ensemble's weights are fitted on the
 test split out of fold (each half scored with the weights fitted on the other half); no member trained on it. Then every
-combination is scored with `visionkit.evaluation.evaluate_checkpoints` on the test split: each member, the mean,
+combination is scored with `visionkit.tasks.classify.evaluate.evaluate_checkpoints` on the test split: each member, the mean,
 vote and weighted ensembles, without TTA, with flip and with flip+crops.
 
 Usage: python benchmarks/ensemble.py [--seeds 0 1] [--recipe fast-cpu] [--json benchmarks/out/ensemble.json]
