@@ -142,6 +142,7 @@ def test_monitor_is_checked_before_training():
     assert monitor_for(task, "auto", "auto", False) == ("train_loss", "min")
     assert monitor_for(task, "train_abs_err", "auto", True) == ("train_abs_err", "max")
     assert monitor_for(task, "val_mae", "max", True) == ("val_mae", "max")
+    assert monitor_for(task, "epoch", "auto", False) == ("epoch", "max")  # keep the latest epoch
     with pytest.raises(ConfigError, match="val_acc.*not a metric.*choose from"):
         monitor_for(task, "val_acc", "auto", True)
     with pytest.raises(ConfigError, match="no validation split"):

@@ -186,7 +186,8 @@ def _train(cfg: Config, ckpt: dict | None, out: str | None, d: Dist, device: tor
 
     meta = {"config": cfg.to_dict(), "classes": classes, "model_cfg": model_cfg, "preprocess": pre,
             "data_fingerprint": bundle.fingerprint, **s.meta}
-    monitor, mode = monitor_for(s.task, cfg.train.monitor, cfg.train.monitor_mode, val_loader is not None)
+    asked = s.monitor if cfg.train.monitor == "auto" and s.monitor else cfg.train.monitor
+    monitor, mode = monitor_for(s.task, asked, cfg.train.monitor_mode, val_loader is not None)
     callbacks = [EarlyStopping(cfg.train.patience), *s.callbacks]  # control: the same on every rank
     if d.is_main:  # output: rank 0 only
         callbacks = [Progress(cfg.train.quiet, cfg.train.log_every), CSVLogger(run_dir / "metrics.csv"),

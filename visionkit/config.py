@@ -133,8 +133,9 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.999
     ema_warmup: bool = True  # decay ramps up over the first steps (timm's ModelEmaV3 warmup)
-    monitor: str = "auto"  # metric for best.pt, early stopping and plateau: auto (the task's: val_acc1, val_miou) or
-    # a column of metrics.csv (train_loss, train_<log>, val_loss, val_<metric>); checked before training starts
+    monitor: str = "auto"  # metric for best.pt, early stopping and plateau: auto (the task's: val_acc1, val_miou;
+    # a linear probe keeps its last epoch), a column of metrics.csv (train_loss, train_<log>, val_loss, val_<metric>)
+    # or epoch (keep the latest); checked before training starts
     monitor_mode: str = "auto"  # auto (min for *loss*, else max) | min | max
     budget_min: float = 0.0  # > 0: a time budget in minutes (whole run, evaluation included) instead of train.epochs
     patience: int = 0  # early stopping: epochs without improvement (0: off)

@@ -78,6 +78,7 @@ class Setup:
     decision: Any = None  # classification's fine-tuning strategy (finetune.json)
     probe: bool = False  # classification's linear probe (the head alone on cached features)
     meta: dict = field(default_factory=dict)  # task-specific entries for every checkpoint
+    monitor: str | None = None  # this run's monitored column when train.monitor is auto (None: the task's default)
 
 
 def start_run(cfg, dist=None, device: torch.device | None = None) -> tuple[Any, torch.device, torch.dtype | None]:
@@ -124,13 +125,13 @@ def infer_task(source: str) -> str:
 def monitor_for(task: Task, asked: str, mode: str, has_val: bool) -> tuple[str, str]:
     """The monitored column and its direction: the task's default (``auto``) or the one asked for, which must be a
     column this run logs. Checked before training, so a typo cannot make every epoch "the best"."""
-    columns = ["train_loss", *(f"train_{k}" for k in task.log_names)]
+    columns = ["epoch", "train_loss", *(f"train_{k}" for k in task.log_names)]  # epoch: keep the latest
     if has_val:
         columns += ["val_loss", *(f"val_{k}" for k in task.metric_names)]
     if asked == "auto":
         name, default_mode = task.monitor if has_val else ("train_loss", "min")
     else:
-        name, default_mode = asked, ("min" if "loss" in asked else "max")
+        name, default_mode = asked, ("min" if "loss" in asked else "max")  # epoch: max, every epoch is the best
         if name not in columns:
             why = "" if has_val or not name.startswith("val_") else " (this run has no validation split)"
             raise ConfigError(f"train.monitor {name!r} is not a metric of this {task.name} run{why}; "

@@ -170,7 +170,10 @@ def setup(cfg: Config, ckpt: dict | None, dist: Dist | None = None, device: torc
                  loader_for=lambda ds: loader_for(ds, cfg, pre, device, False),
                  forward_model=forward_model, callbacks=extra,
                  batch_transform=None if probe else _pairs(build_batch_mix(cfg.aug, len(classes))),
-                 decision=decision, probe=probe, meta={"finetune": decision.to_dict()})
+                 decision=decision, probe=probe, meta={"finetune": decision.to_dict()},
+                 # a linear probe is a convex fit on a fixed schedule: its last epoch is the model, and the best
+                 # epoch on a small validation split (tens of images on data this size) is noise
+                 monitor="epoch" if probe else None)
 
 
 def choose_finetune(cfg: Config, net: torch.nn.Module, bundle, clean, pretrained: bool,
