@@ -202,6 +202,8 @@ def cmd_train(a) -> int:
     best = s.get("best", {})
     line = f"done: {run.dir}  best epoch {best.get('epoch')}"
     mon = best.get("monitor")
+    if mon == "epoch":  # the latest epoch was kept (a linear probe): show its headline validation number
+        mon = next((k for k in ("val_acc1", "val_miou") if k in best), None)
     if mon in best and mon != "train_loss":
         line += f"  {mon} {best[mon]:.4f}"
     test = s.get("test", {})

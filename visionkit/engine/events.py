@@ -85,7 +85,7 @@ class TensorBoardLogger(Callback):
 
 class Progress(Callback):
     """A tqdm bar per epoch with the loss, the task's logged values, lr, images/s and ETA; or, quiet, one line per
-    epoch: the train columns, val_loss and the monitored metric (plus the task's ``show`` columns)."""
+    epoch: the train columns, val_loss, the monitored metric and the task's default one (plus its ``show`` columns)."""
 
     def __init__(self, quiet: bool = False, every: int = 20):
         self.quiet, self.every, self.bar = quiet, every, None
@@ -117,7 +117,9 @@ class Progress(Callback):
         if row["epoch"] % every and row["epoch"] not in (1, trainer.epochs):
             return
         shown = [k for k in row if k.startswith("train_")]
-        shown += [k for k in ("val_loss", trainer.monitor, *getattr(trainer.task, "show", ())) if k in row]
+        default = getattr(trainer.task, "monitor", (None,))[0]  # shown even when the run monitors another column
+        shown += [k for k in ("val_loss", trainer.monitor, default, *getattr(trainer.task, "show", ()))
+                  if k in row and k != "epoch"]
         parts = [f"epoch {row['epoch']}/{trainer.epochs}"]
         parts += [f"{k} {row[k]:.4f}" for k in dict.fromkeys(shown)]
         parts += [f"lr {row['lr']:.2e}", f"{row['time']:.1f}s"]

@@ -134,7 +134,7 @@ def setup(cfg: Config, ckpt: dict | None, dist: Dist | None = None, device: torc
             train_loader = loader_for(bundle.train, cfg, pre, device, True, sampler_weights=sampler)
             val_loader = loader_for(bundle.val, cfg, pre, device, False) if has_val else None
             images += [ld for ld in (train_loader, val_loader) if ld is not None]
-        train_loader, val_loader = ft.probe_loaders(net, head, train_loader, clean, val_loader, ftc, cfg.data.batch_size,
+        train_loader, val_loader = ft.probe_loaders(net, head, train_loader, clean, val_loader, ftc, ftc.probe_batch_size,
                                                     cfg.train.seed, autocast, quiet, rank=d.rank, world=d.world)
         for ld in images:  # replaced by the feature caches
             ld.close()
@@ -179,7 +179,7 @@ def setup(cfg: Config, ckpt: dict | None, dist: Dist | None = None, device: torc
 def choose_finetune(cfg: Config, net: torch.nn.Module, bundle, clean, pretrained: bool,
                     autocast: Callable | None = None):
     """The run's fine-tuning strategy: as asked, or (auto) from the data's size and its distance from the
-    pretraining domain, measured on up to 64 training images. Printed, and recorded in finetune.json."""
+    pretraining domain, measured on up to ft.SHIFT_IMAGES training images. Printed, and recorded in finetune.json."""
     s, n = cfg.finetune.strategy, len(bundle.train)
     if s != "auto":
         why = "asked for" + ("" if pretrained or s == "none" else "; note: the weights are random, not pretrained")
@@ -190,9 +190,9 @@ def choose_finetune(cfg: Config, net: torch.nn.Module, bundle, clean, pretrained
         batches, have = [], 0
         gen = clean.epoch(0)
         for x, _ in gen:
-            batches.append(x[:64 - have])
+            batches.append(x[:ft.SHIFT_IMAGES - have])
             have += len(batches[-1])
-            if have >= 64:
+            if have >= ft.SHIFT_IMAGES:
                 break
         gen.close()
         d = ft.decide(n, ft.domain_shift(net, batches, autocast or autocast_for(torch.device("cpu"), None)))
