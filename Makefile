@@ -32,8 +32,11 @@ browser:
 		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) \
 		|| echo "note: chromium not installed; the report's browser test will skip"; fi
 
+# One pytest worker per core (pytest-xdist), each test file on one worker (its module fixtures are built once),
+# one torch thread per worker: two workers on two cores beat one worker with two threads, whose OpenMP threads
+# sit idle through the many small ops and process start-ups of the suite.
 test: venv browser
-	$(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15 tests
 
 lint: venv
 	$(BIN)/ruff check visionkit tests benchmarks
