@@ -75,5 +75,15 @@ def test_recipe_section_for_cpus_without_bf16(monkeypatch, capsys, has_bf16):
 
 
 def test_model_kwargs_from_a_later_layer_add_to_the_recipe_s():
-    cfg = resolve_config(recipe="seg-cpu", overrides={"model.kwargs.norm": "group"})
-    assert cfg.model.kwargs == {"base": 8, "norm": "group"}
+    cfg = resolve_config(recipe="seg-cpu", overrides={"model.kwargs.encoder_kwargs": {"drop_rate": 0.1}})
+    assert cfg.model.kwargs == {"decoder_channels": [64, 48, 32, 16, 8], "encoder_kwargs": {"drop_rate": 0.1}}
+
+
+def test_another_model_does_not_inherit_the_recipe_s_model_kwargs():
+    # seg-cpu's U-Net over Lite0 takes decoder_channels; the classic unet would refuse it ("does not accept ...")
+    cfg = resolve_config(recipe="seg-cpu", overrides={"model.name": "unet"})
+    assert cfg.model.kwargs == {}
+    cfg = resolve_config(recipe="seg-cpu", overrides={"model.name": "unet", "model.kwargs.base": 8})
+    assert cfg.model.kwargs == {"base": 8}
+    same = resolve_config(recipe="seg-cpu", overrides={"model.name": "unet-efficientnet_lite0"})
+    assert same.model.kwargs == {"decoder_channels": [64, 48, 32, 16, 8]}

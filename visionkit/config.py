@@ -377,11 +377,13 @@ def resolve_config(recipe: str | None = None, config_file: str | None = None,
         _apply(cfg, data)
         cfg.recipe = recipe
     user = load_yaml(config_file) if config_file else {}
-    if user:
-        _apply(cfg, user)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if given:
-        _apply(cfg, nest(given))
+    for layer in (user, nest(given)):
+        name = (layer.get("model") or {}).get("name") if isinstance(layer.get("model"), dict) else None
+        if name is not None and name != cfg.model.name:  # another model: the earlier model's kwargs are not its own
+            cfg.model.kwargs = {}
+        if layer:
+            _apply(cfg, layer)
     if fp32_cpu:
         _apply_fp32_cpu(cfg, recipe, fp32_cpu, set(flatten(user)) | set(given))
     validate(cfg)
