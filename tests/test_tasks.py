@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import dataclasses
 import math
 from pathlib import Path
 
@@ -224,5 +225,50 @@ def test_a_time_budget_sets_the_epochs_and_records_them(tmp_path):
     cfg = yaml.safe_load((run.dir / "config.yaml").read_text())
     ck = load_checkpoint(run.dir / "last.pt")
     planned = ck["budget"]["epochs"]
-    assert cfg["train"]["epochs"] == planned == run.summary["epochs_run"] >= 1
+    final = ck["budget"]["changes"][-1][1] if ck["budget"].get("changes") else planned
+    assert cfg["train"]["epochs"] == final == run.summary["epochs_run"] >= 1
+    assert ck["config"]["train"]["epochs"] == final
     assert ck["budget"]["step_s"] > 0 and ck["budget"]["budget_s"] == 15
+
+
+def test_the_budget_is_planned_again_after_every_epoch():
+    """A first plan that was too hopeful (its steps ran in a quiet moment) is cut back, one that left time over is
+    lengthened while the run is in its first half, never later."""
+    from visionkit.engine.budget import Keeper, Plan
+    p = Plan(epochs=10, step_s=0.1, eval_batch_s=0.1, epoch_s=10.0, final_s=5.0, budget_s=100.0, elapsed_s=0.0)
+    k = Keeper(p, t_start=0.0, relayout=None)
+    k.times = [20.0, 20.0]  # epochs take twice the plan: at 40 s, (95 - 40 - 5) / 20 = 2.5 more fit
+    assert k.epochs_now(done=2, planned=10, now=40.0) == 4
+    k.times = [5.0, 5.0]  # half the plan: at 10 s, (95 - 10 - 5) / 5 = 16 more fit
+    assert k.epochs_now(done=2, planned=10, now=10.0) == 18
+    assert k.epochs_now(done=6, planned=10, now=10.0) == 10  # past half-way: keep the decayed schedule
+    k.times = [5.0]  # one quick epoch is not evidence enough to lengthen
+    assert k.epochs_now(done=1, planned=10, now=5.0) == 10
+    k.times = [4.0, 8.0]  # lengthening goes by the slowest recent epoch: (95 - 12 - 5) / 8 = 9.75
+    assert k.epochs_now(done=2, planned=10, now=12.0) == 11
+    k.times = [50.0]  # nothing more fits: end after this epoch
+    assert k.epochs_now(done=1, planned=10, now=90.0) == 1
+
+
+def test_a_budget_run_cut_short_ends_in_time_with_its_schedule_laid_out_again(tmp_path, monkeypatch, capsys):
+    import time as _time
+
+    from visionkit.engine import budget
+    real = budget.plan
+
+    def hopeful(trainer, *a, **kw):  # the first plan thinks 40 epochs fit
+        return dataclasses.replace(real(trainer, *a, **kw), epochs=40)
+    monkeypatch.setattr(budget, "plan", hopeful)
+    t0 = _time.perf_counter()
+    run = visionkit.train("digits", "lenet", out=str(tmp_path / "b"), overrides={
+        "train.budget_min": 0.1, "data.img_size": 16, "train.report": False, "data.batch_size": 64,
+        "sched.name": "cosine", "sched.warmup_epochs": 0}, quiet=False)
+    assert _time.perf_counter() - t0 < 0.1 * 60 + 3
+    ck = load_checkpoint(run.dir / "last.pt")
+    done = run.summary["epochs_run"]
+    assert ck["budget"]["epochs"] == 40 and ck["budget"]["changes"][0][1] < 40
+    assert ck["config"]["train"]["epochs"] == done == ck["budget"]["changes"][-1][1]
+    assert "instead of 40" in capsys.readouterr().err
+    with open(run.dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[-1]["lr"]) < 0.2 * float(rows[0]["lr"])  # the cosine decayed over the shortened run

@@ -248,7 +248,7 @@ def _train(cfg: Config, ckpt: dict | None, out: str | None, d: Dist, device: tor
 def fit_budget(trainer: Trainer, s: Setup, cfg: Config, run_dir: Path, t_start: float | None) -> None:
     """``train.budget_min``: rank 0 measures steps and evaluation, every rank takes its epoch count, the schedule
     is laid out again over those epochs (warmup as the same fraction of the run), and config.yaml and the
-    checkpoints record the epochs chosen."""
+    checkpoints record the epochs chosen. A :class:`budget.Keeper` plans again after every epoch."""
     import dataclasses
 
     from .engine import budget
@@ -256,25 +256,37 @@ def fit_budget(trainer: Trainer, s: Setup, cfg: Config, run_dir: Path, t_start: 
     d = s.dist
     test_batches = len(s.bundle.test) // (cfg.data.eval_batch_size or 2 * cfg.data.batch_size) + 1 \
         if s.bundle.test is not None else 0
-    elapsed = time.perf_counter() - t_start if t_start is not None else 0.0
+    t_start = t_start if t_start is not None else time.perf_counter()
+    elapsed = time.perf_counter() - t_start
     p = distributed.on_main(d, lambda: budget.plan(trainer, cfg.train.budget_min * 60, elapsed, test_batches,
                                                    report_s=15.0 if cfg.train.report else 0.0))
-    was = cfg.train.epochs
-    cfg.train.epochs = trainer.epochs = p.epochs
-    if s.sched is not None:
-        for g in s.opt.param_groups:  # undo the first schedule's start before laying out the new one (one-cycle
-            g["lr"] = g.get("max_lr", g.get("initial_lr", g["lr"]))  # keeps its peak apart: initial_lr = peak / 25)
-        sched_cfg = dataclasses.replace(cfg.sched, warmup_epochs=cfg.sched.warmup_epochs * p.epochs / was)
-        trainer.sched, _ = build_scheduler(s.opt, sched_cfg, p.epochs, s.steps_per_epoch, cfg.optim.lr,
-                                           trainer.monitor_mode)
-    trainer.meta["config"] = cfg.to_dict()
+    nominal = cfg.train.epochs
+
+    def relayout(epochs: int) -> None:
+        """The run becomes ``epochs`` long: the schedule is built for that length (warmup the recipe's fraction of
+        it) and fast-forwarded to the steps already taken; config.yaml and the checkpoints' config say so."""
+        cfg.train.epochs = trainer.epochs = epochs
+        if s.sched is not None and trainer.sched_per_step:
+            for g in s.opt.param_groups:  # undo the first schedule's start before laying out the new one (one-cycle
+                g["lr"] = g.get("max_lr", g.get("initial_lr", g["lr"]))  # keeps its peak apart: initial_lr = peak / 25)
+            sched_cfg = dataclasses.replace(cfg.sched, warmup_epochs=cfg.sched.warmup_epochs * epochs / nominal)
+            trainer.sched, _ = build_scheduler(s.opt, sched_cfg, epochs, s.steps_per_epoch, cfg.optim.lr,
+                                               trainer.monitor_mode)
+            with warnings.catch_warnings():  # stepping a scheduler without an optimizer step warns
+                warnings.simplefilter("ignore")
+                for _ in range(min(trainer.state.step, epochs * s.steps_per_epoch - 1)):
+                    trainer.sched.step()
+        trainer.meta["config"] = cfg.to_dict()
+        if d.is_main:
+            rundir.write(run_dir / rundir.CONFIG, cfg.to_dict())
+
+    relayout(p.epochs)
     trainer.meta["budget"] = p.to_dict()
-    if d.is_main:
-        rundir.write(run_dir / rundir.CONFIG, cfg.to_dict())
-        if not cfg.train.quiet:
-            print(f"budget {cfg.train.budget_min:g} min: {p.step_s * 1000:.0f} ms/step, {p.epoch_s:.1f} s/epoch "
-                  f"with validation, {p.elapsed_s:.0f} s spent before training, ~{p.final_s:.0f} s kept for the test "
-                  f"pass and report -> {p.epochs} epochs (recipe: {was})", file=sys.stderr)
+    trainer.callbacks.append(budget.Keeper(p, t_start, relayout, quiet=cfg.train.quiet or not d.is_main))
+    if d.is_main and not cfg.train.quiet:
+        print(f"budget {cfg.train.budget_min:g} min: {p.step_s * 1000:.0f} ms/step, {p.epoch_s:.1f} s/epoch "
+              f"with validation, {p.elapsed_s:.0f} s spent before training, ~{p.final_s:.0f} s kept for the test "
+              f"pass and report -> {p.epochs} epochs (recipe: {nominal})", file=sys.stderr)
 
 
 def write_report(plugin, run_dir: Path, device: torch.device, quiet: bool, bundle) -> None:

@@ -7,21 +7,31 @@ included": how many epochs that is differs 10x between a CPU with native bf16 an
 the number of whole epochs that fit in what is left of the budget after the final test pass and the report.
 The caller lays the schedule (warmup as the same fraction of the run, decay to the end) over those epochs.
 
+A plan from a few steps cannot see what changes later (another job taking a core, a model whose steps slow down as
+its buffers grow), so :class:`Keeper` plans again after every epoch from the epochs' measured wall time, as
+Ultralytics' ``time=`` does: fewer epochs when the rest would overrun, more when time is left over and the run is in
+its first half (later, lengthening would raise an lr that has nearly decayed). The caller's ``relayout`` lays the
+schedule out over the new length.
+
 Example::
 
     p = plan(trainer, budget_s=300, elapsed_s=12.0, test_batches=40)
     p.epochs, p.step_s
+    trainer.callbacks.append(Keeper(p, t_start, relayout=lambda epochs: ...))
 """
 from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from . import distributed
 from .checkpoint import rng_state, set_rng_state
+from .events import Callback
 
 RESERVE = 0.05  # of the budget, kept back for what the estimate cannot see (checkpoints, the summary, noise)
 
@@ -41,7 +51,8 @@ class Plan:
 
 
 def _time_steps(trainer, n: int) -> float:
-    """Seconds per step over ``n`` real optimizer steps after 2 warm-up steps; everything is restored after."""
+    """Seconds per step (the median) over ``n`` real optimizer steps after 2 warm-up steps, the batch's loading and
+    augmentation included; everything is restored after."""
     model, opt = trainer.forward_model, trainer.opt  # no DDP wrapper: rank 0 measures alone
     saved_model, saved_opt = copy.deepcopy(trainer.model.state_dict()), copy.deepcopy(opt.state_dict())
     rng = rng_state()
@@ -49,10 +60,11 @@ def _time_steps(trainer, n: int) -> float:
     try:
         trainer.forward_model.train()
         batches = trainer.train_loader.epoch(0)
-        for i, batch in enumerate(batches):
-            if i >= n + 2:
+        for _ in range(n + 2):
+            t0 = time.perf_counter()  # the batch's loading and augmentation are part of a step's cost
+            batch = next(batches, None)
+            if batch is None:
                 break
-            t0 = time.perf_counter()
             if trainer.batch_transform is not None:
                 batch = trainer.batch_transform(batch)
             with trainer.autocast():
@@ -67,8 +79,8 @@ def _time_steps(trainer, n: int) -> float:
         opt.load_state_dict(saved_opt)
         opt.zero_grad(set_to_none=True)
         set_rng_state(rng)
-    steady = times[2:] or times
-    return sum(steady) / max(len(steady), 1)
+    steady = sorted(times[2:] or times)  # the median: one slow step (an allocator growing, a neighbour) is not the rule
+    return steady[len(steady) // 2] if steady else 0.0
 
 
 @torch.no_grad()
@@ -107,3 +119,50 @@ def plan(trainer, budget_s: float, elapsed_s: float, test_batches: int = 0, repo
     left = budget_s * (1 - RESERVE) - spent - final_s
     epochs = max(1, math.floor(left / max(epoch_s, 1e-9)))
     return Plan(epochs, step_s, eval_batch_s, epoch_s, final_s, budget_s, spent)
+
+
+class Keeper(Callback):
+    """Keeps a budgeted run within its budget: after each epoch's evaluation (before its checkpoint, so that a resume
+    sees the new length) it counts the epochs that still fit from the mean wall time of the last three epochs and,
+    when that differs from ``trainer.epochs``, calls ``relayout(epochs)`` (which sets ``trainer.epochs`` and lays the
+    schedule out again). Rank 0 decides, every rank follows. ``changes`` records (after epoch, new epochs)."""
+
+    def __init__(self, plan: Plan, t_start: float, relayout, quiet: bool = False):
+        self.plan, self.t_start, self.relayout, self.quiet = plan, t_start, relayout, quiet
+        self.times: list[float] = []
+        self.last = time.perf_counter()
+        self.changes: list[tuple[int, int]] = []
+
+    def on_fit_start(self, trainer) -> None:
+        self.last = time.perf_counter()
+
+    def epochs_now(self, done: int, planned: int, now: float) -> int:
+        left = self.plan.budget_s * (1 - RESERVE) - (now - self.t_start) - self.plan.final_s
+        recent = self.times[-3:]
+        fit = done + max(0, math.floor(left / max(sum(recent) / len(recent), 1e-9)))  # at the recent mean pace
+        if fit < planned:
+            return fit
+        # lengthen only on two epochs' evidence, at the slowest recent pace, and while the schedule is young: epoch
+        # times on a shared machine swing by 20-30%, and one quick epoch must not buy an epoch that overruns
+        sure = done + max(0, math.floor(left / max(max(recent), 1e-9)))
+        if len(self.times) >= 2 and sure > planned and done <= planned / 2:
+            return sure
+        return planned
+
+    def on_eval_end(self, trainer, row: dict) -> None:
+        now = time.perf_counter()
+        self.times.append(now - self.last)
+        self.last = now
+        done, planned = trainer.state.epoch + 1, trainer.epochs
+        if done >= planned:
+            return
+        epochs = distributed.on_main(trainer.dist, lambda: self.epochs_now(done, planned, now))
+        if epochs == planned:
+            return
+        self.relayout(epochs)
+        self.changes.append((done, epochs))
+        trainer.meta.setdefault("budget", {})["changes"] = list(self.changes)
+        if not self.quiet:
+            why = "the rest would overrun the budget" if epochs < planned else "time is left over"
+            print(f"budget: {epochs} epochs instead of {planned} ({why}; "
+                  f"{sum(self.times[-3:]) / len(self.times[-3:]):.1f} s/epoch measured)", file=sys.stderr)
