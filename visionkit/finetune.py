@@ -222,6 +222,20 @@ class Freezer(Callback):
 
 
 # ------------------------------------------------------------------------------------------------ linear probe
+def optimizer_for(model: nn.Module, strategy: str, cfg: FinetuneConfig, optim, quiet: bool = False
+                  ) -> tuple[torch.optim.Optimizer, list[Callback]]:
+    """The optimizer of a strategy that trains the model itself, and its callbacks: ``none`` one group at
+    ``optim.lr``; full / partial / staged / gradual the layer groups' own lrs and a :class:`Freezer` that decides each
+    epoch what trains. (A linear probe trains a head on cached features: see :func:`probe_loaders`.)"""
+    from .engine.optim import build_optimizer
+    if strategy == "none":
+        return build_optimizer(model, optim), []
+    groups = layer_groups(model)
+    opt = build_optimizer(param_groups(model, groups, cfg, optim.lr, optim.weight_decay, optim.decay_norm_and_bias),
+                          optim)
+    return opt, [Freezer(strategy, groups, cfg, quiet)]
+
+
 def probe_head(model: nn.Module, name: str) -> nn.Linear:
     """The Linear classifier a linear probe trains; a clear error for models without one."""
     try:

@@ -16,7 +16,7 @@ import math
 import os
 import random
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -221,22 +221,36 @@ class _EpochBatches:
         return max(0, len(self.loader) - self.start)
 
 
-class _SeededTransform(Dataset):
-    """Decode + transform one sample; train-time randomness seeded from (seed, epoch, position in epoch)."""
+class SeededSamples(Dataset):
+    """``apply(ds[i])`` for the worker pool, indexed by ``(epoch, position, index)``: train-time randomness is seeded
+    from (seed, epoch, position in epoch), so a run and its resume draw the same augmentation. ``apply`` is the task's
+    (picklable, for worker processes): :class:`ImageTransform` here, the joint image/mask one for segmentation."""
 
-    def __init__(self, ds: ImageFiles, transform, seed: int, train: bool) -> None:
-        self.ds, self.transform, self.seed, self.train = ds, transform, seed, train
+    def __init__(self, ds: Dataset, apply: Callable, seed: int, train: bool) -> None:
+        self.ds, self.apply, self.seed, self.train = ds, apply, seed, train
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[Tensor, int]:
+    def __getitem__(self, key: tuple[int, int, int]):
         epoch, pos, i = key
-        img, y = self.ds[i]  # RGB; the transform turns it grey when input_size asks for 1 channel
+        sample = self.ds[i]
         if not self.train:
-            return self.transform(img), y
+            return self.apply(sample)
         with isolated_rng(mix_seed(self.seed, epoch, pos)):
-            return self.transform(img), y
+            return self.apply(sample)
+
+
+class ImageTransform:
+    """``(img, label) -> (transform(img), label)``: a classification sample (RGB; the transform turns it grey when
+    the input size asks for 1 channel)."""
+
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
+
+    def __call__(self, sample: tuple) -> tuple[Tensor, int]:
+        img, y = sample
+        return self.transform(img), y
 
 
 class WorkerLoader(Loader):
@@ -282,7 +296,7 @@ class FileLoader(WorkerLoader):
         else:
             interp = interpolation or getattr(aug, "interpolation", None) or "bilinear"
             tf = build_eval_transform(input_size, mean, std, crop_pct=crop_pct, interpolation=interp)
-        self.start_workers(_SeededTransform(ds, tf, self.seed, augment), workers)
+        self.start_workers(SeededSamples(ds, ImageTransform(tf), self.seed, augment), workers)
 
 
 def make_loader(ds: Dataset, *, batch_size: int, train: bool, seed: int, device: torch.device | str,

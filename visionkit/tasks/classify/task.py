@@ -146,13 +146,8 @@ def setup(cfg: Config, ckpt: dict | None, dist: Dist | None = None, device: torc
         optim_cfg = dataclasses.replace(cfg.optim, name="adamw", lr=ftc.probe_lr, weight_decay=ftc.probe_weight_decay)
         sched_cfg = dataclasses.replace(cfg.sched, name="cosine", warmup_epochs=0.0)
         opt = build_optimizer(forward_model, optim_cfg)
-    elif decision.strategy == "none":
-        opt = build_optimizer(net, cfg.optim)
-    else:  # layer groups: per-group lrs, and the Freezer callback decides each epoch what trains
-        groups = ft.layer_groups(net)
-        opt = build_optimizer(ft.param_groups(net, groups, ftc, cfg.optim.lr, cfg.optim.weight_decay,
-                                              cfg.optim.decay_norm_and_bias), cfg.optim)
-        extra.append(ft.Freezer(decision.strategy, groups, ftc, quiet))
+    else:
+        opt, extra = ft.optimizer_for(net, decision.strategy, ftc, cfg.optim, quiet)
     if clean is not None:
         clean.close()
     steps_per_epoch = -(-len(train_loader) // cfg.train.grad_accum)

@@ -48,7 +48,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from visionkit.data.datasets import load_rgb
 from visionkit.data.errors import DataError
-from visionkit.data.loaders import Loader, WorkerLoader, isolated_rng, mix_seed
+from visionkit.data.loaders import Loader, SeededSamples, WorkerLoader
 from visionkit.data.validate import bad_files_error, check_image
 
 from .transforms import IGNORE_INDEX, SegBatchAugment, build_seg_eval_transform, build_seg_train_transform
@@ -964,23 +964,14 @@ class SegTensorLoader(Loader):
             yield self._finish(x, y)
 
 
-class _SeededSegTransform(Dataset):
-    """Decode + jointly transform one pair; train-time randomness seeded from (seed, epoch, position in epoch)."""
+class _JointTransform:
+    """``(img, mask) -> (x, y)`` as plain tensors: one pair through the joint (tv_tensors) transform."""
 
-    def __init__(self, ds: SegFiles, transform, seed: int, train: bool) -> None:
-        self.ds, self.transform, self.seed, self.train = ds, transform, seed, train
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
-        epoch, pos, i = key
-        img, mask = self.ds[i]
-        if self.train:
-            with isolated_rng(mix_seed(self.seed, epoch, pos)):
-                x, y = self.transform(img, mask)
-        else:
-            x, y = self.transform(img, mask)
+    def __call__(self, sample: tuple) -> tuple[Tensor, Tensor]:
+        x, y = self.transform(*sample)
         return x.as_subclass(Tensor), y.as_subclass(Tensor)
 
 
@@ -995,7 +986,7 @@ class SegFileLoader(WorkerLoader):
             tf = build_seg_train_transform(aug, input_size, mean, std, ignore_index)
         else:
             tf = build_seg_eval_transform(input_size, mean, std)
-        self.start_workers(_SeededSegTransform(ds, tf, self.seed, augment), workers)
+        self.start_workers(SeededSamples(ds, _JointTransform(tf), self.seed, augment), workers)
 
 
 def make_seg_loader(ds: Dataset, *, batch_size: int, train: bool, seed: int, device: torch.device | str,

@@ -20,7 +20,7 @@ from ... import finetune as ft
 from ...config import Config, ConfigError
 from ...engine import distributed
 from ...engine.distributed import Dist
-from ...engine.optim import build_optimizer, build_scheduler
+from ...engine.optim import build_scheduler
 from ..base import Setup, check_resume_classes, monitor_for, start_run
 from .data import SegBundle, build_seg_data, make_seg_loader
 from .losses import build_seg_loss
@@ -136,17 +136,11 @@ def setup(cfg: Config, ckpt: dict | None, dist: Dist | None = None, device: torc
         raise ConfigError("finetune linear-probe is for classification (a head on frozen features); for "
                           "segmentation use staged, partial, gradual, full or none")
     quiet = cfg.train.quiet or not d.is_main
-    callbacks = []
     if ckpt is not None and ckpt.get("finetune"):
         strategy = ckpt["finetune"]["strategy"]
-    if strategy in ("full", "partial", "staged", "gradual"):
-        groups = ft.layer_groups(net)
-        opt = build_optimizer(ft.param_groups(net, groups, cfg.finetune, cfg.optim.lr, cfg.optim.weight_decay,
-                                              cfg.optim.decay_norm_and_bias), cfg.optim)
-        callbacks.append(ft.Freezer(strategy, groups, cfg.finetune, quiet))
-    else:
+    if strategy not in ("full", "partial", "staged", "gradual"):
         strategy = "none"
-        opt = build_optimizer(net, cfg.optim)
+    opt, callbacks = ft.optimizer_for(net, strategy, cfg.finetune, cfg.optim, quiet)
     decision = ft.Decision(strategy, f"--finetune {cfg.finetune.strategy}" if strategy != "none"
                            else "segmentation trains everything unless a strategy is asked for", len(bundle.train))
     if not quiet and source:
