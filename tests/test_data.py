@@ -77,6 +77,16 @@ def test_class_folder_split_is_stratified_seeded_and_disjoint(tmp_path):
     assert build_data(str(src), val_split=0).val is None
 
 
+def test_image_files_of_a_type_not_read_are_named_not_dropped_in_silence(tmp_path, capsys):
+    src = _folder(tmp_path / "d", {"a": 4, "b": 4})
+    _img(src / "b" / "imageNotFound.gif", color=(1, 2, 3), size=(9, 9))  # as in hymenoptera's bees/
+    (src / "a" / "notes.txt").write_text("not an image: no note")
+    b = build_data(str(src), val_split=0)
+    assert len(b.train) == 8
+    err = capsys.readouterr().err
+    assert "left out 1 file" in err and "imageNotFound.gif" in err and "notes.txt" not in err
+
+
 def test_stratified_split_properties():
     t = [0] * 50 + [1] * 30 + [2] * 2 + [3]
     keep, held = stratified_split(t, 0.2, seed=1)

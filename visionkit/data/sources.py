@@ -11,6 +11,7 @@ import csv
 import hashlib
 import os
 import statistics
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,9 @@ from .validate import bad_files_error, validate_images
 
 SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 _EXTS = tuple(IMG_EXTENSIONS)
+# image types a user may expect to be read but torchvision's folder datasets (and so this one) leave out: named in a
+# note, so that a folder's images are never dropped in silence (hymenoptera's bees/imageNotFound.gif is one)
+_UNREAD_IMAGE_EXTS = (".gif", ".heic", ".heif", ".avif", ".jfif", ".svg", ".jp2", ".ico")
 _SOURCE_HINT = (f"give a folder of class sub-folders, a CSV file of path,label rows, "
                 f"or a built-in ({', '.join(BUILTINS)})")
 
@@ -131,11 +135,21 @@ def _is_hidden(name: str) -> bool:
 
 
 def _images_under(folder: Path) -> list[str]:
-    out = []
+    out, unread = [], []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        out += [os.path.join(dirpath, f) for f in sorted(filenames)
-                if not _is_hidden(f) and f.lower().endswith(_EXTS)]
+        for f in sorted(filenames):
+            if _is_hidden(f):
+                continue
+            if f.lower().endswith(_EXTS):
+                out.append(os.path.join(dirpath, f))
+            elif f.lower().endswith(_UNREAD_IMAGE_EXTS):
+                unread.append(os.path.join(dirpath, f))
+    if unread:
+        shown = ", ".join(unread[:3]) + (f" and {len(unread) - 3} more" if len(unread) > 3 else "")
+        print(f"note: left out {len(unread)} file{'s' if len(unread) > 1 else ''} of an image type that is not "
+              f"read ({shown}); convert to {', '.join(e for e in _EXTS if e in ('.jpg', '.png', '.webp'))} to use "
+              f"{'them' if len(unread) > 1 else 'it'}", file=sys.stderr)
     return out
 
 
