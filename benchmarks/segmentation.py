@@ -7,7 +7,7 @@ Three measurements, one script:
    (summary.json, best-on-val weights), the epochs the time budget chose (config.yaml) and the per-epoch
    val mIoU / training seconds (metrics.csv).
 2. **peer**: ``benchmarks/peers/tv_seg_reference.py`` (torchvision references/segmentation idiom: SGD 0.9, wd 1e-4,
-   poly lr, CE ignore 255, flip) training the same model (``unet``, the recipe's width) with the recipe's batch size
+   poly lr, CE ignore 255, flip) training the same model (the recipe's, with its pretrained encoder) with its batch size
    for the same number of epochs the budget gave the recipe, for each seed; whole command timed too.
    Time-to-the-same-mIoU: for thresholds both reach (val mIoU, every seed), the cumulative *training* seconds to
    the first epoch at or above it (evaluation excluded on both sides); ratio = peer / recipe (> 1: the recipe
@@ -180,9 +180,21 @@ def time_to_same_miou(recipe: list[dict], peer: list[dict]) -> dict:
     return out
 
 
+def peer_model_args(cfg: dict) -> list[str]:
+    """The recipe's model for the peer: name, keyword arguments, pretrained encoder."""
+    m = cfg.get("model", {})
+    name, kwargs = m.get("name", "unet"), dict(m.get("kwargs") or {})
+    args = ["--model", name]
+    if name == "unet":
+        args += ["--base", str(kwargs.pop("base", 16))]
+    if kwargs:
+        args += ["--model-kwargs", json.dumps(kwargs)]
+    return args + (["--pretrained"] if m.get("pretrained") else [])
+
+
 def overhead(tmp: Path, logs: Path, cfg: dict, epochs: int, repeats: int) -> dict:
     """Engine vs plain loop training images/s: same model, batch, optimizer, precision, memory format, no aug."""
-    base = (cfg.get("model", {}).get("kwargs") or {}).get("base", 16)
+    m = cfg.get("model", {})
     bs = cfg.get("data", {}).get("batch_size", 128)
     cl = bool(cfg.get("model", {}).get("channels_last", True))
     lr = 0.02 * bs / 32
@@ -197,13 +209,13 @@ def overhead(tmp: Path, logs: Path, cfg: dict, epochs: int, repeats: int) -> dic
         print(f"note: could not resolve the recipe's amp ({e}); comparing in fp32", file=sys.stderr)
     eng_ips, peer_ips, runs = [], [], []
     for rep in range(repeats):
-        p = peer_run(rep, tmp, ["--base", str(base), "--batch-size", str(bs), "--epochs", str(epochs), "--lr", str(lr),
+        p = peer_run(rep, tmp, [*peer_model_args(cfg), "--batch-size", str(bs), "--epochs", str(epochs), "--lr", str(lr),
                                 "--no-flip", "--no-eval", "--amp", amp] + (["--channels-last"] if cl else []),
                      logs, tag=f"overhead-peer{rep}")
         peer_ips.append(p["train_images_per_s"])
         out = tmp / f"overhead-engine{rep}"
-        cmd = [*visionkit_cmd(), "train", "--data", "seg-shapes", "--model", "unet", "--epochs", str(epochs),
-               "--seed", str(rep), "--out", str(out), "--set", f"model.kwargs.base={base}", f"data.batch_size={bs}",
+        cmd = [*visionkit_cmd(), "train", "--data", "seg-shapes", "--recipe", "seg-cpu", "--epochs", str(epochs),
+               "--seed", str(rep), "--out", str(out), "--set", f"data.batch_size={bs}", "segment.loss=ce",
                "aug.preset=none", "optim.name=sgd", f"optim.lr={lr}", "optim.momentum=0.9", "optim.nesterov=false",
                "optim.weight_decay=0.0001", "sched.name=linear", f"train.amp={amp}", f"model.channels_last={cl}",
                "train.report=false", "train.budget_min=0"]
@@ -222,7 +234,8 @@ def overhead(tmp: Path, logs: Path, cfg: dict, epochs: int, repeats: int) -> dic
               f"(ratio {ips / p['train_images_per_s']:.3f})", flush=True)
     ratio = statistics.mean(eng_ips) / statistics.mean(peer_ips)
     ratios = [e / p for e, p in zip(eng_ips, peer_ips)]
-    return {"model": "unet", "base": base, "batch_size": bs, "epochs": epochs, "amp": amp, "channels_last": cl,
+    return {"model": m.get("name"), "kwargs": m.get("kwargs"), "pretrained": bool(m.get("pretrained")),
+            "batch_size": bs, "epochs": epochs, "amp": amp, "channels_last": cl,
             "optimizer": f"sgd momentum 0.9 wd 1e-4 lr {lr:g}", "augmentation": "none (both)",
             "engine_images_per_s": eng_ips, "peer_images_per_s": peer_ips, "ratio_engine_over_peer": ratio,
             "ratio_per_pair": ratios, "target": 0.97, "runs": runs}
@@ -289,13 +302,12 @@ def main() -> None:
                                         "command_wall_s": mean_std([r["command_wall_s"] for r in recipe]),
                                         "epochs": [r["epochs"] for r in recipe],
                                         "train_images_per_s": mean_std([r["train_images_per_s"] for r in recipe])}
-        base = (recipe_cfg.get("model", {}).get("kwargs") or {}).get("base", 16)
         bs = recipe_cfg.get("data", {}).get("batch_size", 128)
         cl = bool(recipe_cfg.get("model", {}).get("channels_last", True))
         if "peer" not in skip:
             ep = a.peer_epochs or (round(statistics.median([r["epochs"] for r in recipe])) if recipe else 10)
             for s in seeds:
-                peer.append(peer_run(s, tmp, ["--base", str(base), "--batch-size", str(bs), "--epochs", str(ep)]
+                peer.append(peer_run(s, tmp, [*peer_model_args(recipe_cfg), "--batch-size", str(bs), "--epochs", str(ep)]
                                      + (["--channels-last"] if cl else []), logs))
                 result["peer_runs"] = peer
                 save()

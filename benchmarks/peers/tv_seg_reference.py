@@ -14,7 +14,8 @@ What torchvision's ``references/segmentation/train.py`` does, kept as it is wher
 What differs, and why: the data are seg-shapes' uint8 tensors (``build_seg_data("seg-shapes")``: ``.images``
 [N,3,64,64], ``.masks`` [N,64,64]) batched straight from memory, not files through a DataLoader; the reference's
 RandomResize(0.5-2x) + RandomCrop are for 520-px photos, so the augmentation is its RandomHorizontalFlip(0.5) alone
-(per sample). Normalisation is the model's (ImageNet mean/std, as visionkit uses for ``unet``). The reference's lr
+(per sample). Normalisation is the model's own (``model.visionkit_cfg``: ImageNet mean/std for ``unet``, 0.5/0.5 for an
+EfficientNet-Lite encoder), as visionkit's. The reference's lr
 0.02 at global batch 32 (8 GPUs x 4) is the default here, scaled linearly for other batch sizes (``--lr``).
 
 Prints per epoch: train seconds, images/s, val mIoU (and test mIoU with ``--eval-test-every-epoch``); at the end the
@@ -23,6 +24,8 @@ test mIoU of the last epoch's weights (the reference keeps the last weights, not
 Usage::
 
     python benchmarks/peers/tv_seg_reference.py --base 8 --batch-size 32 --epochs 12 --seed 0 --json out.json
+    python benchmarks/peers/tv_seg_reference.py --model unet-efficientnet_lite0 --pretrained \
+        --model-kwargs '{"decoder_channels": [64, 48, 32, 16, 8]}' --batch-size 16 --epochs 7
     python benchmarks/peers/tv_seg_reference.py --epochs 1 --no-flip --no-eval      # throughput only
 """
 from __future__ import annotations
@@ -77,9 +80,9 @@ class ConfusionMatrix:
 class Normalize:
     """uint8 [B,3,H,W] -> float32 normalised (the reference's ToDtype(scale=True) + Normalize, batched)."""
 
-    def __init__(self, channels_last: bool) -> None:
-        self.scale = 1.0 / (255.0 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-        self.shift = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    def __init__(self, channels_last: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+        self.scale = 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1))
+        self.shift = -torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1)
         self.channels_last = channels_last
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,6 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="unet")
     ap.add_argument("--base", type=int, default=16, help="unet width (visionkit's model.kwargs.base)")
+    ap.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments of the model (visionkit's "
+                    "model.kwargs), e.g. '{\"decoder_channels\": [64, 48, 32, 16, 8]}'")
+    ap.add_argument("--pretrained", action="store_true", help="the encoder's ImageNet weights (visionkit's "
+                    "--pretrained: offline for efficientnet_lite0/1/2)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--eval-batch-size", type=int, default=256)
@@ -147,10 +154,13 @@ def main(argv: list[str] | None = None) -> dict:
     tr, va, te = bundle.train, bundle.val, bundle.test
     torch.manual_seed(args.seed)
     kw = {"base": args.base} if args.model == "unet" else {}
-    model = create_seg_model(args.model, num_classes=num_classes, aux_loss=args.aux_loss, **kw)
+    kw.update(json.loads(args.model_kwargs))
+    model = create_seg_model(args.model, num_classes=num_classes, aux_loss=args.aux_loss, pretrained=args.pretrained,
+                             **kw)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    norm = Normalize(args.channels_last)
+    mcfg = model.visionkit_cfg  # the normalisation the encoder was trained with (Lite0: mean = std = 0.5)
+    norm = Normalize(args.channels_last, mcfg.get("mean", IMAGENET_MEAN), mcfg.get("std", IMAGENET_STD))
     lr = args.lr if args.lr is not None else 0.02 * args.batch_size / 32
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.amp == "bf16" else \
         (lambda: torch.autocast("cpu", enabled=False))
@@ -169,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     g = torch.Generator().manual_seed(args.seed)
     epochs, train_s, n_seen = [], 0.0, 0
-    print(f"peer: {args.model} base {args.base}, bs {args.batch_size}, lr {lr:g}, {args.epochs} epochs, "
+    print(f"peer: {args.model} {kw}{' pretrained' if args.pretrained else ''}, bs {args.batch_size}, lr {lr:g}, "
+          f"{args.epochs} epochs, "
           f"{iters_per_epoch} it/epoch, threads {torch.get_num_threads()}, amp {args.amp}, "
           f"channels_last {args.channels_last}, setup {time.perf_counter() - t_start:.1f} s", flush=True)
     for epoch in range(args.epochs):
@@ -206,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
               + (f", val mIoU {row['val_miou']:.4f}" if "val_miou" in row else "")
               + (f", test mIoU {row['test_miou']:.4f}" if "test_miou" in row else "")
               + f", load {row['load1']:.1f}", flush=True)
-    result = {"peer": "torchvision references/segmentation idiom", "model": args.model, "base": args.base,
+    result = {"peer": "torchvision references/segmentation idiom", "model": args.model, "model_kwargs": kw,
+              "pretrained": args.pretrained,
               "epochs": args.epochs, "batch_size": args.batch_size, "lr": lr, "momentum": args.momentum,
               "weight_decay": args.weight_decay, "flip": not args.no_flip, "channels_last": args.channels_last,
               "amp": args.amp, "seed": args.seed, "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -732,8 +732,9 @@ def _create_tv(name: str, num_classes: int, in_chans: int, pretrained: bool, aux
 def unet(num_classes: int, in_chans: int = 3, pretrained: bool = False, aux_loss: bool = False,
          base: int = 16, norm: str = "batch") -> UNet:
     if pretrained:
-        raise ModelError("unet has no pretrained weights; train it from scratch, use unet-<encoder> (e.g. "
-                         "unet-efficientnet_lite0) for an ImageNet encoder, or pass a weights file")
+        raise ModelError("unet has no pretrained weights; train it from scratch (--set model.pretrained=false where a "
+                         "recipe asks for weights), use unet-<encoder> (e.g. unet-efficientnet_lite0) for an ImageNet "
+                         "encoder, or pass a weights file")
     if aux_loss:
         raise ModelError("unet has no aux head; build it with aux_loss=False (or use unet-<encoder>)")
     return UNet(num_classes, in_chans, base, norm)
