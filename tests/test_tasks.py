@@ -221,13 +221,16 @@ def test_recipes_say_auto_precision():
 
 def test_a_time_budget_sets_the_epochs_and_records_them(tmp_path):
     run = visionkit.train("digits", "lenet", out=str(tmp_path / "b"), overrides={
-        "train.budget_min": 0.25, "data.img_size": 16, "train.report": False, "data.batch_size": 64}, quiet=True)
+        "train.budget_min": 0.25, "data.img_size": 16, "train.report": False, "data.batch_size": 64,
+        "sched.warmup_epochs": 2}, quiet=True)
     cfg = yaml.safe_load((run.dir / "config.yaml").read_text())
     ck = load_checkpoint(run.dir / "last.pt")
     planned = ck["budget"]["epochs"]
     final = ck["budget"]["changes"][-1][1] if ck["budget"].get("changes") else planned
     assert cfg["train"]["epochs"] == final == run.summary["epochs_run"] >= 1
     assert ck["config"]["train"]["epochs"] == final
+    # the warmup is the same fraction of the run (2 of the nominal 10 epochs) and recorded, so a resume rebuilds it
+    assert cfg["sched"]["warmup_epochs"] == ck["config"]["sched"]["warmup_epochs"] == pytest.approx(2 * final / 10)
     assert ck["budget"]["step_s"] > 0 and ck["budget"]["budget_s"] == 15
 
 

@@ -249,8 +249,6 @@ def fit_budget(trainer: Trainer, s: Setup, cfg: Config, run_dir: Path, t_start: 
     """``train.budget_min``: rank 0 measures steps and evaluation, every rank takes its epoch count, the schedule
     is laid out again over those epochs (warmup as the same fraction of the run), and config.yaml and the
     checkpoints record the epochs chosen. A :class:`budget.Keeper` plans again after every epoch."""
-    import dataclasses
-
     from .engine import budget
     from .engine.optim import build_scheduler
     d = s.dist
@@ -260,17 +258,18 @@ def fit_budget(trainer: Trainer, s: Setup, cfg: Config, run_dir: Path, t_start: 
     elapsed = time.perf_counter() - t_start
     p = distributed.on_main(d, lambda: budget.plan(trainer, cfg.train.budget_min * 60, elapsed, test_batches,
                                                    report_s=15.0 if cfg.train.report else 0.0))
-    nominal = cfg.train.epochs
+    nominal, warmup = cfg.train.epochs, cfg.sched.warmup_epochs
 
     def relayout(epochs: int) -> None:
         """The run becomes ``epochs`` long: the schedule is built for that length (warmup the recipe's fraction of
-        it) and fast-forwarded to the steps already taken; config.yaml and the checkpoints' config say so."""
+        it) and fast-forwarded to the steps already taken; config.yaml and the checkpoints' config say so (epochs
+        and warmup both, so that a resume builds the same schedule)."""
         cfg.train.epochs = trainer.epochs = epochs
+        cfg.sched.warmup_epochs = warmup * epochs / nominal
         if s.sched is not None and trainer.sched_per_step:
             for g in s.opt.param_groups:  # undo the first schedule's start before laying out the new one (one-cycle
                 g["lr"] = g.get("max_lr", g.get("initial_lr", g["lr"]))  # keeps its peak apart: initial_lr = peak / 25)
-            sched_cfg = dataclasses.replace(cfg.sched, warmup_epochs=cfg.sched.warmup_epochs * epochs / nominal)
-            trainer.sched, _ = build_scheduler(s.opt, sched_cfg, epochs, s.steps_per_epoch, cfg.optim.lr,
+            trainer.sched, _ = build_scheduler(s.opt, cfg.sched, epochs, s.steps_per_epoch, cfg.optim.lr,
                                                trainer.monitor_mode)
             with warnings.catch_warnings():  # stepping a scheduler without an optimizer step warns
                 warnings.simplefilter("ignore")
