@@ -8,7 +8,7 @@ the number of whole epochs that fit in what is left of the budget after the fina
 The caller lays the schedule (warmup as the same fraction of the run, decay to the end) over those epochs.
 
 A plan from a few steps cannot see what changes later (another job taking a core, a machine whose speed drifts: the
-same seg-cpu step took 255 ms and, an hour later, 350 ms here), so :class:`Keeper` plans again after every epoch from
+same seg-cpu step took ~265 ms and, an hour later, ~350 ms here), so :class:`Keeper` plans again after every epoch from
 the epochs' measured wall time, as Ultralytics' ``time=`` does: fewer epochs when the rest would overrun, more when
 two epochs say time is left over. The caller's ``relayout`` lays the schedule out over the new length (a lengthened
 cosine takes the lr back up to where the longer run would be; a seg-cpu run that stopped at 4 epochs with 80 s unused
