@@ -79,7 +79,7 @@ def test_class_folder_split_is_stratified_seeded_and_disjoint(tmp_path):
 
 def test_image_files_of_a_type_not_read_are_named_not_dropped_in_silence(tmp_path, capsys):
     src = _folder(tmp_path / "d", {"a": 4, "b": 4})
-    _img(src / "b" / "imageNotFound.gif", color=(1, 2, 3), size=(9, 9))  # as in hymenoptera's bees/
+    _img(src / "b" / "imageNotFound.gif", color=(1, 2, 3), size=(9, 9))  # as in hymenoptera's ants/
     (src / "a" / "notes.txt").write_text("not an image: no note")
     b = build_data(str(src), val_split=0)
     assert len(b.train) == 8

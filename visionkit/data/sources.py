@@ -30,7 +30,7 @@ from .validate import bad_files_error, validate_images
 SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 _EXTS = tuple(IMG_EXTENSIONS)
 # image types a user may expect to be read but torchvision's folder datasets (and so this one) leave out: named in a
-# note, so that a folder's images are never dropped in silence (hymenoptera's bees/imageNotFound.gif is one)
+# note, so that a folder's images are never dropped in silence (hymenoptera's ants/imageNotFound.gif is one)
 _UNREAD_IMAGE_EXTS = (".gif", ".heic", ".heif", ".avif", ".jfif", ".svg", ".jp2", ".ico")
 _SOURCE_HINT = (f"give a folder of class sub-folders, a CSV file of path,label rows, "
                 f"or a built-in ({', '.join(BUILTINS)})")
