@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from .engine.checkpoint import CheckpointError, load_checkpoint
 from .engine.distributed import Dist
 from .engine.events import CSVLogger, EarlyStopping, Progress, TensorBoardLogger
 from .engine.loop import Trainer, evaluate
+from .engine.optim import build_scheduler, fast_forward
 from .tasks import Setup, get_task, infer_task, monitor_for, task_name
 from .tasks.classify.predict import Predictor  # noqa: F401 - classification's predictor, as before; load() picks any task's
 
@@ -207,10 +207,7 @@ def _train(cfg: Config, ckpt: dict | None, out: str | None, d: Dist, device: tor
         st = trainer.state
         if not same_length and sched is not None and per_step:
             # a longer (or shorter) run: the schedule of the new length, fast-forwarded to where training stands
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for _ in range(min(st.step, epochs * steps_per_epoch - 1)):
-                    sched.step()
+            fast_forward(sched, st.step, epochs * steps_per_epoch)
         if d.is_main:
             was = (ckpt["config"].get("dist") or {}).get("world_size", 1)
             moved = f", on {d.world} worker{'s' * (d.world > 1)} (it was written by {was})" if was != d.world else ""
@@ -250,7 +247,6 @@ def fit_budget(trainer: Trainer, s: Setup, cfg: Config, run_dir: Path, t_start: 
     is laid out again over those epochs (warmup as the same fraction of the run), and config.yaml and the
     checkpoints record the epochs chosen. A :class:`budget.Keeper` plans again after every epoch."""
     from .engine import budget
-    from .engine.optim import build_scheduler
     d = s.dist
     test_batches = len(s.bundle.test) // (cfg.data.eval_batch_size or 2 * cfg.data.batch_size) + 1 \
         if s.bundle.test is not None else 0
@@ -271,10 +267,7 @@ def fit_budget(trainer: Trainer, s: Setup, cfg: Config, run_dir: Path, t_start: 
                 g["lr"] = g.get("max_lr", g.get("initial_lr", g["lr"]))  # keeps its peak apart: initial_lr = peak / 25)
             trainer.sched, _ = build_scheduler(s.opt, cfg.sched, epochs, s.steps_per_epoch, cfg.optim.lr,
                                                trainer.monitor_mode)
-            with warnings.catch_warnings():  # stepping a scheduler without an optimizer step warns
-                warnings.simplefilter("ignore")
-                for _ in range(min(trainer.state.step, epochs * s.steps_per_epoch - 1)):
-                    trainer.sched.step()
+            fast_forward(trainer.sched, trainer.state.step, epochs * s.steps_per_epoch)
         trainer.meta["config"] = cfg.to_dict()
         if d.is_main:
             rundir.write(run_dir / rundir.CONFIG, cfg.to_dict())

@@ -379,7 +379,8 @@ def resolve_config(recipe: str | None = None, config_file: str | None = None,
     user = load_yaml(config_file) if config_file else {}
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     for layer in (user, nest(given)):
-        name = (layer.get("model") or {}).get("name") if isinstance(layer.get("model"), dict) else None
+        model = layer.get("model")
+        name = model.get("name") if isinstance(model, dict) else None
         if name is not None and name != cfg.model.name:  # another model: the earlier model's kwargs are not its own
             cfg.model.kwargs = {}
         if layer:

@@ -221,7 +221,6 @@ class Freezer(Callback):
         self.last = k
 
 
-# ------------------------------------------------------------------------------------------------ linear probe
 def optimizer_for(model: nn.Module, strategy: str, cfg: FinetuneConfig, optim, quiet: bool = False
                   ) -> tuple[torch.optim.Optimizer, list[Callback]]:
     """The optimizer of a strategy that trains the model itself, and its callbacks: ``none`` one group at
@@ -236,6 +235,7 @@ def optimizer_for(model: nn.Module, strategy: str, cfg: FinetuneConfig, optim, q
     return opt, [Freezer(strategy, groups, cfg, quiet)]
 
 
+# ------------------------------------------------------------------------------------------------ linear probe
 def probe_head(model: nn.Module, name: str) -> nn.Linear:
     """The Linear classifier a linear probe trains; a clear error for models without one."""
     try:

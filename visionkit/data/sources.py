@@ -148,7 +148,7 @@ def _images_under(folder: Path) -> list[str]:
     if unread:
         shown = ", ".join(unread[:3]) + (f" and {len(unread) - 3} more" if len(unread) > 3 else "")
         print(f"note: left out {len(unread)} file{'s' if len(unread) > 1 else ''} of an image type that is not "
-              f"read ({shown}); convert to {', '.join(e for e in _EXTS if e in ('.jpg', '.png', '.webp'))} to use "
+              f"read ({shown}); convert to .jpg, .png, .webp to use "
               f"{'them' if len(unread) > 1 else 'it'}", file=sys.stderr)
     return out
 

@@ -137,10 +137,15 @@ class Keeper(Callback):
     def on_fit_start(self, trainer) -> None:
         self.last = time.perf_counter()
 
+    def pace(self) -> float:
+        """Mean wall seconds of the last three epochs."""
+        recent = self.times[-3:]
+        return sum(recent) / len(recent)
+
     def epochs_now(self, done: int, planned: int, now: float) -> int:
         left = self.plan.budget_s * (1 - RESERVE) - (now - self.t_start) - self.plan.final_s
         recent = self.times[-3:]
-        fit = done + max(0, math.floor(left / max(sum(recent) / len(recent), 1e-9)))  # at the recent mean pace
+        fit = done + max(0, math.floor(left / max(self.pace(), 1e-9)))  # at the recent mean pace
         if fit < planned:
             return fit
         # lengthen only on two epochs' evidence and at the slowest recent pace: epoch times on a shared machine swing
@@ -163,5 +168,5 @@ class Keeper(Callback):
         trainer.meta.setdefault("budget", {})["changes"] = list(self.changes)
         if not self.quiet:
             why = "the rest would overrun the budget" if epochs < planned else "time is left over"
-            print(f"budget: {epochs} epochs instead of {planned} ({why}; "
-                  f"{sum(self.times[-3:]) / len(self.times[-3:]):.1f} s/epoch measured)", file=sys.stderr)
+            print(f"budget: {epochs} epochs instead of {planned} ({why}; {self.pace():.1f} s/epoch measured)",
+                  file=sys.stderr)

@@ -7,6 +7,7 @@ ones are converted to steps) except reduce-on-plateau, which by nature steps onc
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from timm.optim import create_optimizer_v2
@@ -61,3 +62,12 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, s
         return main, True
     warmup = S.LinearLR(opt, start_factor=cfg.warmup_factor, end_factor=1.0, total_iters=warm)
     return S.SequentialLR(opt, [warmup, main], milestones=[warm]), True
+
+
+def fast_forward(sched, steps: int, total: int) -> None:
+    """Step a per-step schedule built for ``total`` steps to where a run stands after ``steps`` (a resumed run of
+    another length, a time budget that re-laid the schedule); never past its last step."""
+    with warnings.catch_warnings():  # stepping a scheduler without an optimizer step warns
+        warnings.simplefilter("ignore")
+        for _ in range(min(steps, total - 1)):
+            sched.step()
