@@ -183,11 +183,14 @@ def test_task_is_inferred_recorded_and_checked(tmp_path, capsys):
     assert (cfg.task, cfg.model.name) == ("classify", "resnet18")
     cfg, _ = resolve_run("seg-shapes", None, None, None, None, None, {})
     assert (cfg.task, cfg.model.name) == ("segment", "unet")
+    cfg, _ = resolve_run("det-shapes", None, None, None, None, None, {})
+    assert (cfg.task, cfg.model.name) == ("detect", "tinyssd")
     cases = [(["--data", "digits", "--task", "segment"], "does not fit digits"),
              (["--data", "seg-shapes", "--task", "classify"], "segmentation data set"),
              (["--data", "digits", "--set", "segment.loss=dice"], "belongs to the segment task"),
              (["--data", "seg-shapes", "--set", "train.label_smoothing=0.1"], "belongs to the classify task"),
-             (["--data", "digits", "--task", "detect"], "must be one of auto, classify, segment")]
+             (["--data", "digits", "--task", "detect"], "does not fit digits"),
+             (["--data", "digits", "--task", "track"], "must be one of auto, classify, segment, detect")]
     for args, msg in cases:
         out = tmp_path / "run"
         code = main(["train", *args, "--epochs", "1", "--out", str(out)])

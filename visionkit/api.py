@@ -39,7 +39,7 @@ RESUMABLE_KEYS = {"train.epochs", "train.quiet", "train.log_every", "train.save_
                   "data.workers", "train.patience", "dist.timeout", "dist.backend"}
 
 
-DEFAULT_MODELS = {"classify": "resnet18", "segment": "unet"}  # model.name auto
+DEFAULT_MODELS = {"classify": "resnet18", "segment": "unet", "detect": "tinyssd"}  # model.name auto
 
 
 @dataclass
@@ -113,7 +113,8 @@ def resolve_task(cfg: Config) -> None:
         cfg.task = found
     elif cfg.task != found:
         kinds = {"classify": "a classification data set (class folders, a path,label CSV or a built-in)",
-                 "segment": "a segmentation data set (images + masks)"}
+                 "segment": "a segmentation data set (images + masks)",
+                 "detect": "a detection data set (images + boxes)"}
         raise ConfigError(f"--task {cfg.task} does not fit {cfg.data.source}: it is {kinds[found]}; "
                           f"use --task {found} (or leave --task out)")
     if cfg.model.name == "auto":

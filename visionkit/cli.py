@@ -12,8 +12,8 @@ from pathlib import Path
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a model (classify or segment)",
-                       description="Train an image classifier or a semantic segmentation model.")
+    p = sub.add_parser("train", help="train a model (classify, segment or detect)",
+                       description="Train an image classifier, a semantic segmentation model or an object detector.")
     _run_args(p)
     p.add_argument("--resume", help="run directory or checkpoint to continue")
     p.add_argument("--save-every", type=int, help="also checkpoint every N optimizer steps (mid-epoch resume)")
@@ -37,8 +37,8 @@ def _train_parser(sub) -> None:
 def _run_args(p) -> None:
     """The options train and lr-find share: what to train, on what, and how."""
     p.add_argument("--data", help="folder, CSV file or built-in name (see `visionkit datasets`)")
-    p.add_argument("--task", help="classify | segment (default: inferred from the data's layout)")
-    p.add_argument("--model", help="model name (see `visionkit models [--task segment]`)")
+    p.add_argument("--task", help="classify | segment | detect (default: inferred from the data's layout)")
+    p.add_argument("--model", help="model name (see `visionkit models [--task segment|detect]`)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--recipe", help="named recipe (see `visionkit recipes`)")
     g.add_argument("--config", help="YAML config file")
@@ -75,8 +75,8 @@ def _ensemble_args(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="visionkit", description="Train, evaluate and use image classifiers and "
-                                 "segmentation models.")
+    ap = argparse.ArgumentParser(prog="visionkit", description="Train, evaluate and use image classifiers, "
+                                 "segmentation models and object detectors.")
     ap.add_argument("--version", action="store_true", help="print the version")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
     _train_parser(sub)
@@ -92,14 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int)
 
-    p = sub.add_parser("predict", help="predict image files (classes, or masks for a segmentation model)")
+    p = sub.add_parser("predict", help="predict image files (classes; masks for a segmentation model; boxes for "
+                                       "a detector)")
     p.add_argument("inputs", nargs="+", metavar="CHECKPOINT... PATH...",
                    help="one or more checkpoints (.pt files or run directories), then image files or folders")
     p.add_argument("--topk", type=int, default=5)
     _ensemble_args(p)
     p.add_argument("--format", default="table", choices=["table", "json", "csv"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="segmentation: folder for the index-PNG masks and colour overlays (never overwritten)")
+    p.add_argument("--out", help="segmentation: folder for the index-PNG masks and colour overlays; detection: for "
+                   "the images with their boxes drawn (never overwritten)")
+    p.add_argument("--conf", type=float, default=0.25, help="detection: lowest score kept (default 0.25)")
+    p.add_argument("--iou", type=float, default=0.5, help="detection: per-class NMS IoU threshold (default 0.5)")
+    p.add_argument("--max-det", type=int, default=100, help="detection: most boxes per image (default 100)")
 
     p = sub.add_parser("report", help="write the HTML report of a run (also written at the end of train)")
     p.add_argument("run_dir")
@@ -126,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list models and where each name resolves")
     p.add_argument("pattern", nargs="?", help="filter, e.g. 'resnet*' or 'efficientnet'")
-    p.add_argument("--task", default="classify", help="classify (default) or segment")
+    p.add_argument("--task", default="classify", help="classify (default), segment or detect")
     sub.add_parser("recipes", help="list recipes")
     sub.add_parser("datasets", help="list built-in data sets")
     p = sub.add_parser("demo", help="train on a built-in data set that works offline and show where results are")
@@ -203,11 +208,11 @@ def cmd_train(a) -> int:
     line = f"done: {run.dir}  best epoch {best.get('epoch')}"
     mon = best.get("monitor")
     if mon == "epoch":  # the latest epoch was kept (a linear probe): show its headline validation number
-        mon = next((k for k in ("val_acc1", "val_miou") if k in best), None)
+        mon = next((k for k in ("val_acc1", "val_miou", "val_map") if k in best), None)
     if mon in best and mon != "train_loss":
         line += f"  {mon} {best[mon]:.4f}"
     test = s.get("test", {})
-    for k in ("acc1", "miou"):  # the task's headline number
+    for k in ("acc1", "miou", "map"):  # the task's headline number
         if k in test:
             line += f"  test_{k} {test[k]:.4f}"
     if (run.dir / "report.html").is_file():
@@ -225,6 +230,8 @@ def cmd_eval(a) -> int:
         return 0
     if "miou" in res:
         return _print_segment_eval(a.split, res)
+    if "map" in res:
+        return _print_detect_eval(a.split, res)
     if len(res["members"]) > 1 or a.tta != "none":
         _print_side_by_side(res)
     loss = f"  loss={res['loss']:.4f}  ece={res['ece']:.4f}" if "loss" in res else ""
@@ -246,6 +253,19 @@ def _print_segment_eval(split: str, res: dict) -> int:
         iou = "      -" if r["iou"] is None else f"{r['iou']:7.4f}"
         acc = "      -" if r["acc"] is None else f"{r['acc']:7.4f}"
         print(f"{r['class']:<{w}}  {iou} {acc}  {r['support']:11d}")
+    return 0
+
+
+def _print_detect_eval(split: str, res: dict) -> int:
+    def f(v) -> str:
+        return "      -" if v is None else f"{v:7.4f}"
+    print(f"{split}: n={res['n']}  mAP={res['map']:.4f}  mAP50={res['map50']:.4f}  mAP75={res['map75']:.4f}  "
+          f"AR100={res['mar100']:.4f}  (small {f(res['map_small']).strip()}, medium {f(res['map_medium']).strip()}, "
+          f"large {f(res['map_large']).strip()})")
+    w = max(len(r["class"]) for r in res["per_class"])
+    print(f"{'class':<{w}}  AP@.5:.95    AP@.5  objects  detections")
+    for r in res["per_class"]:
+        print(f"{r['class']:<{w}}    {f(r['ap'])}  {f(r['ap50'])}  {r['support']:7d}  {r['detections']:10d}")
     return 0
 
 
@@ -310,6 +330,9 @@ def cmd_predict(a) -> int:
     predictor = load(checkpoints, a.device, ensemble=a.ensemble, tta=a.tta)
     if getattr(predictor, "task", "classify") == "segment":
         return _print_segment_predictions(predictor.predict(paths, out=a.out), a.format, predictor.classes)
+    if getattr(predictor, "task", "classify") == "detect":
+        return _print_detections(predictor.predict(paths, conf=a.conf, iou=a.iou, max_det=a.max_det, out=a.out),
+                                 a.format)
     res = predictor.predict(paths, topk=a.topk)
     if a.format == "json":
         print(json.dumps(res))
@@ -346,6 +369,28 @@ def _print_segment_predictions(res: list[dict], fmt: str, classes: list[str]) ->
     return 0
 
 
+def _print_detections(res: list[dict], fmt: str) -> int:
+    """Per image: its boxes (class, score, x1 y1 x2 y2 in the image's pixels), best first."""
+    if fmt == "json":
+        print(json.dumps(res))
+    elif fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["path", "class", "score", "xmin", "ymin", "xmax", "ymax"])
+        for r in res:
+            for d in r["detections"]:
+                w.writerow([r["path"], d["class"], f"{d['score']:.4f}", *d["box"]])
+        print(buf.getvalue(), end="")
+    else:
+        for r in res:
+            dets = "  ".join(f"{d['class']} {d['score']:.2f} [{', '.join(f'{v:.0f}' for v in d['box'])}]"
+                             for d in r["detections"][:8])
+            more = f"  (+{len(r['detections']) - 8} more)" if len(r["detections"]) > 8 else ""
+            where = f"  -> {r['drawn']}" if r.get("drawn") else ""
+            print(f"{r['path']}  {len(r['detections'])} boxes  {dets}{more}{where}")
+    return 0
+
+
 def cmd_report(a) -> int:
     from .api import build_report
     path = build_report(a.run_dir, out=a.out, device=a.device)
@@ -370,9 +415,12 @@ def cmd_features(a) -> int:
 def cmd_models(a) -> int:
     """One row per model: the name to type (bare when the bare name picks this model), its source, a description."""
     from .tasks import task_name
-    if task_name(a.task) == "segment":
-        from .tasks.segment.models import list_seg_models
-        rows = [r for r in list_seg_models()
+    if task_name(a.task) in ("segment", "detect"):
+        if task_name(a.task) == "segment":
+            from .tasks.segment.models import list_seg_models as lister
+        else:
+            from .tasks.detect.models import list_det_models as lister
+        rows = [r for r in lister()
                 if not a.pattern or fnmatch.fnmatch(r["name"], a.pattern) or a.pattern in r["name"]]
         for r in rows:
             print(f"{r['name']:<28}  {r.get('description', '')[:90]}".rstrip())
@@ -407,12 +455,15 @@ def cmd_recipes(a) -> int:
 
 def cmd_datasets(a) -> int:
     from .data import list_datasets
+    from .tasks.detect.data import DET_SHAPES_CLASSES
     from .tasks.segment.data import SEG_SHAPES_CLASSES
     for d in list_datasets():
         where = "local" if d.get("local") else "download"
         print(f"{d['name']:<14} {d.get('classes', ''):>4} classes  {where:<8}  classify: {d.get('note', '')}")
     print(f"{'seg-shapes':<14} {len(SEG_SHAPES_CLASSES):>4} classes  {'local':<8}  segment: generated 64 px shapes with "
           f"textures on real photos (skimage), train 2000 / val 300 / test 500")
+    print(f"{'det-shapes':<14} {len(DET_SHAPES_CLASSES):>4} classes  {'local':<8}  detect: generated 128 px images, 0-6 "
+          f"textured shapes of 8-60 px on real photos (skimage), train 2000 / val 300 / test 500")
     return 0
 
 

@@ -169,8 +169,17 @@ class SegmentConfig:
 
 
 @dataclass
+class DetectConfig:
+    """Keys of the detect task (refused by other tasks). Post-processing for evaluation (mAP wants low-confidence
+    detections too, as COCOeval ranks them); ``visionkit predict`` has its own --conf/--iou/--max-det."""
+    eval_conf: float = 0.01  # detections below this score are dropped before NMS when scoring mAP
+    nms_iou: float = 0.5  # per-class NMS IoU threshold
+    max_det: int = 100  # detections kept per image (COCO scores up to 100)
+
+
+@dataclass
 class Config:
-    task: str = "auto"  # auto (from the data's layout) | classify | segment
+    task: str = "auto"  # auto (from the data's layout) | classify | segment | detect
     recipe: str = ""  # name of the recipe this config came from (informational)
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -181,6 +190,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -200,18 +210,20 @@ CHOICES = {
     "sched.name": ("constant", "cosine", "linear", "onecycle", "step", "multistep", "cosine_restarts", "plateau"),
     "train.amp": ("auto", "off", "bf16", "fp16"),
     "dist.backend": ("auto", "nccl", "gloo"),
-    "task": ("auto", "classify", "segment"),
+    "task": ("auto", "classify", "segment", "detect"),
     "train.monitor_mode": ("auto", "min", "max"),
     "segment.loss": ("ce", "dice", "focal", "ce+dice"),
 }
 
 
-TASK_ALIASES = {"classification": "classify", "segmentation": "segment", "seg": "segment", "cls": "classify"}
+TASK_ALIASES = {"classification": "classify", "segmentation": "segment", "seg": "segment", "cls": "classify",
+                "detection": "detect", "det": "detect"}
 
 # keys that belong to one task: a run of another task refuses them (set away from their default) by name
 TASK_KEYS = {
     "classify": ("train.label_smoothing", "aug.mixup", "aug.cutmix", "data.balance"),
     "segment": tuple(f"segment.{f.name}" for f in fields(SegmentConfig)),
+    "detect": tuple(f"detect.{f.name}" for f in fields(DetectConfig)),
 }
 
 
@@ -435,6 +447,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.budget_min >= 0, "train.budget_min must be >= 0 (minutes; 0: off)"),
         (cfg.segment.aux_weight >= 0, "segment.aux_weight must be >= 0"),
         (cfg.segment.tile >= 0, "segment.tile must be >= 0 (pixels; 0: resize whole images)"),
+        (0 <= cfg.detect.eval_conf < 1 and 0 < cfg.detect.nms_iou <= 1 and cfg.detect.max_det >= 1,
+         "detect.eval_conf must be in [0, 1), detect.nms_iou in (0, 1], detect.max_det >= 1"),
         (cfg.dist.timeout > 0, "dist.timeout must be positive (seconds)"),
         (cfg.data.crop_pct is None or 0 < cfg.data.crop_pct <= 1, "data.crop_pct must be in (0, 1]"),
         (0 < cfg.finetune.train_fraction <= 1, "finetune.train_fraction must be in (0, 1]"),

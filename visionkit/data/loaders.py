@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .collate import to_device
 from .datasets import ImageFiles, TensorImages
 
 _MASK64 = (1 << 64) - 1
@@ -258,10 +259,11 @@ class WorkerLoader(Loader):
     the per-sample dataset, indexed by ``(epoch, position, index)``, and passes it to ``start_workers``. Mid-epoch
     start slices the index list."""
 
-    def start_workers(self, samples: Dataset, workers: int | None) -> None:
+    def start_workers(self, samples: Dataset, workers: int | None, collate_fn: Callable | None = None) -> None:
+        """``collate_fn``: the task's (default: torch's, which stacks images and labels)."""
         workers = min(4, os.cpu_count() or 1) if workers is None else workers
         self.batches = _EpochBatches(self)
-        self.dl = DataLoader(samples, batch_sampler=self.batches, num_workers=workers,
+        self.dl = DataLoader(samples, batch_sampler=self.batches, num_workers=workers, collate_fn=collate_fn,
                              persistent_workers=workers > 0, pin_memory=self.device.type == "cuda",
                              generator=torch.Generator().manual_seed(self.seed))  # keeps the global RNG untouched
 
@@ -278,8 +280,8 @@ class WorkerLoader(Loader):
         if start >= len(self):
             return
         nb = self.device.type == "cuda"
-        for x, y in self.dl:
-            yield self._finish(x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb))
+        for x, y in self.dl:  # targets may be a tree (detection: a list of dicts)
+            yield self._finish(x.to(self.device, non_blocking=nb), to_device(y, self.device, nb))
 
 
 class FileLoader(WorkerLoader):

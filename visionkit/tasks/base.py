@@ -101,7 +101,8 @@ def check_resume_classes(ckpt: dict | None, classes: list[str]) -> None:
 
 
 # canonical name -> module; each module has setup(), looks_like(source), summary_metrics(res), report(...), ...
-TASKS = {"classify": "visionkit.tasks.classify", "segment": "visionkit.tasks.segment"}
+TASKS = {"classify": "visionkit.tasks.classify", "segment": "visionkit.tasks.segment",
+         "detect": "visionkit.tasks.detect"}
 
 
 def task_name(name: str) -> str:
@@ -118,8 +119,13 @@ def get_task(name: str) -> ModuleType:
 
 
 def infer_task(source: str) -> str:
-    """The task a data source's layout implies: a segmentation layout means segment, anything else classify."""
-    return "segment" if get_task("segment").looks_like(str(source)) else "classify"
+    """The task a data source's layout implies: a detection layout (boxes) means detect, a segmentation layout
+    segment, anything else classify. Detection is asked first: its check is the stricter one (YOLO's labels/ of
+    .txt files and COCO's annotations/ of JSON would otherwise pass for mask folders)."""
+    for name in ("detect", "segment"):
+        if get_task(name).looks_like(str(source)):
+            return name
+    return "classify"
 
 
 def monitor_for(task: Task, asked: str, mode: str, has_val: bool) -> tuple[str, str]:

@@ -26,7 +26,6 @@ import contextlib
 import csv
 import functools
 import hashlib
-import importlib.util
 import math
 import os
 import re
@@ -39,13 +38,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageFile, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from visionkit.data.backgrounds import hsv_to_rgb, random_backgrounds
 from visionkit.data.datasets import load_rgb
 from visionkit.data.errors import DataError
 from visionkit.data.loaders import Loader, SeededSamples, WorkerLoader
@@ -374,74 +373,9 @@ SEG_SHAPES_SPLITS = {"train": (2000, 101), "val": (300, 102), "test": (500, 103)
 # hue centre of each shape's colour family (red, blue, green, orange, magenta) and its display colour
 _SHAPE_HUES = (0.0, 0.62, 0.33, 0.11, 0.83)
 SEG_SHAPES_PALETTE = [(0, 0, 0), (230, 40, 40), (40, 90, 230), (40, 200, 60), (240, 160, 30), (220, 50, 220)]
-# photos bundled with scikit-image (read straight from its package folder: never a download)
-_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "camera.png", "coins.png", "moon.png",
-           "page.png", "brick.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png",
-           "motorcycle_left.png")
-_PHOTO_SIDE = 128  # photos are stored with this shorter side; backgrounds are crops of 40-128 px of them
 # the knobs that set how hard seg-shapes is (changing one changes the data set and its fingerprint)
 _KNOBS = {"objects": (2, 3), "radius": (9.0, 22.0), "outlier_hue": 0.08, "bg_contrast": 0.7, "sat_min": 0.65,
           "triangle": 0.6, "star_valley": 0.5, "noise_texture": 0.3}
-
-
-@functools.lru_cache(maxsize=1)
-def _photo_bank() -> tuple[Tensor, ...]:
-    """The background photos as float32 [3, h, w] tensors (grey ones repeated to RGB), shorter side 128 px."""
-    spec = importlib.util.find_spec("skimage")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("seg-shapes pastes its shapes on scikit-image's sample photos: pip install scikit-image")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
-    out = []
-    for name in _PHOTOS:
-        try:
-            with Image.open(folder / name) as im:
-                im = im.convert("RGB")
-                s = _PHOTO_SIDE / min(im.size)
-                im = im.resize((round(im.size[0] * s), round(im.size[1] * s)), Image.Resampling.BOX)
-                out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float())
-        except OSError:
-            raise DataError(f"scikit-image's sample photo {folder / name} is missing or unreadable; reinstall "
-                            f"scikit-image") from None
-    return tuple(out)
-
-
-def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
-    """[n] hue/saturation/value in [0, 1] -> [n, 3] RGB in [0, 255]."""
-    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], dim=1)
-    f = v[:, None] - v[:, None] * s[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
-    return f * 255
-
-
-def _backgrounds(n: int, g: torch.Generator, size: int) -> Tensor:
-    """``n`` random crops (40-128 px, random flip, channel order shuffled half the time) of the photos, float."""
-    bank = _photo_bank()
-    which = torch.randint(len(bank), (n,), generator=g)
-    side = 40 + torch.rand(n, generator=g) * (_PHOTO_SIDE - 40)
-    fx, fy = torch.rand(n, generator=g), torch.rand(n, generator=g)
-    flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
-    perm_id = torch.randint(6, (n,), generator=g)
-    swap = torch.rand(n, generator=g) < 0.5
-    gain = 0.75 + 0.5 * torch.rand(n, generator=g)
-    contrast = _KNOBS["bg_contrast"]
-    base = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1  # pixel centres in [-1, 1]
-    out = torch.empty(n, 3, size, size)
-    for p, photo in enumerate(bank):
-        idx = torch.nonzero(which == p).flatten()
-        if not len(idx):
-            continue
-        _, ph, pw = photo.shape
-        sx, sy = side[idx] / pw, side[idx] / ph  # crop half-extent in normalised coordinates
-        gx = (sx * flip[idx])[:, None] * base + ((2 * fx[idx] - 1) * (1 - sx))[:, None]  # [m, size]
-        gy = sy[:, None] * base + ((2 * fy[idx] - 1) * (1 - sy))[:, None]
-        grid = torch.stack([gx[:, None, :].expand(-1, size, -1), gy[:, :, None].expand(-1, -1, size)], dim=-1)
-        out[idx] = F.grid_sample(photo.expand(len(idx), -1, -1, -1), grid, mode="bilinear", align_corners=False)
-    perms = torch.tensor([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
-    order = torch.where(swap[:, None], perms[perm_id], perms[0]) + 3 * torch.arange(n)[:, None]
-    out = out.view(n * 3, size, size).index_select(0, order.flatten()).view(n, 3, size, size)
-    if contrast != 1.0:  # towards each image's mean colour
-        mean = out.mean(dim=(2, 3), keepdim=True)
-        out = mean + (out - mean) * contrast
-    return out * gain.view(n, 1, 1, 1)
 
 
 def _shape_and_texture(c: int, dx: Tensor, dy: Tensor, r: Tensor, rot: Tensor, period: Tensor, phase: Tensor,
@@ -506,7 +440,7 @@ def make_seg_shapes(n: int, seed: int, size: int = SEG_SHAPES_SIZE, chunk: int =
 def _seg_shapes_chunk(n: int, g: torch.Generator, size: int) -> tuple[Tensor, Tensor]:
     lo_n, slots = _KNOBS["objects"]
     r_lo, r_hi = _KNOBS["radius"]
-    img = _backgrounds(n, g, size)
+    img = random_backgrounds(n, g, size, contrast=_KNOBS["bg_contrast"])
     label = torch.zeros(n, size, size, dtype=torch.uint8)
     count = torch.randint(lo_n, slots + 1, (n, 1), generator=g)
     active = torch.arange(slots)[None, :] < count
@@ -521,7 +455,7 @@ def _seg_shapes_chunk(n: int, g: torch.Generator, size: int) -> tuple[Tensor, Te
     hue = torch.where(torch.rand(n, slots, generator=g) < _KNOBS["outlier_hue"], torch.rand(n, slots, generator=g), hue) % 1.0
     sat = _KNOBS["sat_min"] + (1 - _KNOBS["sat_min"]) * torch.rand(n, slots, generator=g)
     val = 0.6 + 0.4 * torch.rand(n, slots, generator=g)
-    colour = _hsv_to_rgb(hue.flatten(), sat.flatten(), val.flatten()).view(n, slots, 3)
+    colour = hsv_to_rgb(hue.flatten(), sat.flatten(), val.flatten()).view(n, slots, 3)
     period = torch.randint(3, 6, (n, slots), generator=g).float() * scale
     phase = torch.rand(n, slots, generator=g) * period
     # each object is drawn in a window around its centre (the largest radius fits), then its pixels pasted
