@@ -11,9 +11,9 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from visionkit.config import AugConfig
+from visionkit.data.builtins import fingerprint_tensors
 from visionkit.data.errors import DataError
 from visionkit.data.loaders import isolated_rng
-from visionkit.tasks.detect import data as det_data
 from visionkit.tasks.detect.data import (
     DET_SHAPES_CLASSES,
     VOC_CLASSES,
@@ -264,7 +264,7 @@ def test_det_shapes_deterministic_and_valid():
     side = (boxes[:, 2:] - boxes[:, :2]).max(dim=1).values
     assert side.min() >= 2 and side.max() <= 61 and (side < 16).any() and (side > 40).any()  # several scales
     assert set(labels.tolist()) == set(range(len(DET_SHAPES_CLASSES)))
-    fp = det_data._fingerprint_tensors
+    fp = fingerprint_tensors
     assert fp(x, *[t["boxes"] for t in ts]) == fp(x2, *[t["boxes"] for t in ts2])
 
 

@@ -1,7 +1,5 @@
 """Ensembles and test-time augmentation: the pure pieces exactly, then real checkpoints through the API and the CLI."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -148,23 +146,18 @@ def test_predictor_ensemble_and_tta(runs, tmp_path):
     assert len(out) == len(paths) and all(len(r["topk"]) == 2 for r in out)
 
 
-def vk(*args):
-    return subprocess.run([sys.executable, "-m", "visionkit", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, check=False)
-
-
-def test_cli_eval_and_predict_with_two_checkpoints(runs, tmp_path):
-    r = vk("eval", *runs, "--data", "digits", "--split", "test", "--tta", "flip+crops")
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
+def test_cli_eval_and_predict_with_two_checkpoints(runs, tmp_path, capsys):
+    from visionkit.cli import main  # in-process: three fresh interpreters cost ~25 s of imports
+    assert main(["eval", *map(str, runs), "--data", "digits", "--split", "test", "--tta", "flip+crops"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert any(ln.startswith("ensemble (mean)") for ln in lines) and any("TTA (flip+crops) gain" in ln for ln in lines)
     assert sum(ln.startswith(("s0/best.pt", "s1/best.pt")) for ln in lines) == 2
-    r = vk("eval", *runs, "--data", "digits", "--split", "test", "--format", "json", "--ensemble", "vote")
-    assert json.loads(r.stdout)["ensemble"]["method"] == "vote"
+    assert main(["eval", *map(str, runs), "--data", "digits", "--split", "test", "--format", "json", "--ensemble",
+                 "vote"]) == 0
+    assert json.loads(capsys.readouterr().out)["ensemble"]["method"] == "vote"
     paths = _digit_pngs(tmp_path, 3)
-    r = vk("predict", *runs, *paths, "--topk", "1", "--format", "json")
-    assert r.returncode == 0, r.stderr
-    assert [x["path"] for x in json.loads(r.stdout)] == paths
+    assert main(["predict", *map(str, runs), *paths, "--topk", "1", "--format", "json"]) == 0
+    assert [x["path"] for x in json.loads(capsys.readouterr().out)] == paths
 
 
 def test_cli_bad_inputs_are_one_line_errors(runs, tmp_path, capsys):

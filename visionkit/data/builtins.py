@@ -7,15 +7,21 @@ reads the Debian package files in ``/usr/share/datasets/fashion-mnist``.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .errors import DataError
+
+_Part = TypeVar("_Part")
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -256,3 +262,32 @@ def builtin_is_local(name: str, root: str | None = None) -> bool:
     if name in ("mnist", "fashion-mnist"):
         return any(_idx_folder_complete(f) for f in _idx_candidates(name, r))
     return _cifar_local(name, r)
+
+
+# ---------------------------------------------------------------- helpers of the generated and built-in sets
+
+def fingerprint_tensors(*tensors: Tensor) -> str:
+    """Short sha256 (16 hex digits) of the shapes and bytes of ``tensors``, in order."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def generate_chunks(n: int, chunk: int, make: Callable[[int, int], _Part], workers: int = 1) -> list[_Part]:
+    """``make(count, index)`` of each ``chunk``-sized part of ``n``, in order, one intra-op torch thread in each."""
+    starts = list(range(0, n, chunk))
+    threads = torch.get_num_threads()
+
+    def one(c: int) -> _Part:
+        torch.set_num_threads(1)  # per thread: small tensors are faster so, and reductions add up in one order
+        return make(min(chunk, n - starts[c]), c)
+
+    try:
+        if workers <= 1 or len(starts) <= 1:
+            return [one(c) for c in range(len(starts))]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(one, range(len(starts))))
+    finally:
+        torch.set_num_threads(threads)

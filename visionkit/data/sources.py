@@ -20,15 +20,13 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .builtins import BUILTINS, builtin_is_local, data_root, load_builtin
+from .builtins import BUILTINS, builtin_is_local, data_root, fingerprint_tensors, load_builtin
 from .datasets import ImageFiles, TensorImages
 from .errors import DataError
+from .layout import IMAGE_EXTS, SPLIT_DIRS, is_hidden
 from .validate import bad_files_error, validate_images
 
-SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-_EXTS = tuple(IMG_EXTENSIONS)
 # image types a user may expect to be read but torchvision's folder datasets (and so this one) leave out: named in a
 # note, so that a folder's images are never dropped in silence (hymenoptera's ants/imageNotFound.gif is one)
 _UNREAD_IMAGE_EXTS = (".gif", ".heic", ".heif", ".avif", ".jfif", ".svg", ".jp2", ".ico")
@@ -63,10 +61,14 @@ class DataBundle:
             counts = torch.bincount(torch.as_tensor(ds.targets, dtype=torch.long), minlength=len(self.classes))
             out["splits"][split] = {"n": len(ds), "class_counts": dict(zip(self.classes, counts.tolist()))}
         if self.image_sizes:
-            ws, hs = [s[0] for s in self.image_sizes], [s[1] for s in self.image_sizes]
-            out["image_sizes"] = {k: {"min": min(v), "median": statistics.median(v), "max": max(v)}
-                                  for k, v in (("width", ws), ("height", hs))}
+            out["image_sizes"] = size_stats(self.image_sizes)
         return out
+
+
+def size_stats(sizes: Sequence[tuple[int, int]]) -> dict:
+    """Min / median / max of the widths and of the heights of (w, h) image sizes (at least one)."""
+    ws, hs = [s[0] for s in sizes], [s[1] for s in sizes]
+    return {k: {"min": min(v), "median": statistics.median(v), "max": max(v)} for k, v in (("width", ws), ("height", hs))}
 
 
 # ---------------------------------------------------------------- splitting
@@ -106,18 +108,10 @@ def _split(ds, frac: float, seed: int):
 
 # ---------------------------------------------------------------- built-ins
 
-def _fingerprint_tensors(*tensors: Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.contiguous().cpu().numpy())
-    return h.hexdigest()[:16]
-
-
 def _from_builtin(name: str, val_split: float, seed: int, root: str | None, download: bool) -> DataBundle:
     raw = load_builtin(name, seed=seed, root=root, download=download)
     parts = [*raw.train] + ([*raw.test] if raw.test is not None else [])
-    fp = _fingerprint_tensors(*parts)
+    fp = fingerprint_tensors(*parts)
     full = TensorImages(raw.train[0], raw.train[1], raw.classes)
     if raw.test is not None:
         test = TensorImages(raw.test[0], raw.test[1], raw.classes)
@@ -130,18 +124,14 @@ def _from_builtin(name: str, val_split: float, seed: int, root: str | None, down
 
 # ---------------------------------------------------------------- files
 
-def _is_hidden(name: str) -> bool:
-    return name.startswith((".", "__"))
-
-
 def _images_under(folder: Path) -> list[str]:
     out, unread = [], []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         for f in sorted(filenames):
-            if _is_hidden(f):
+            if is_hidden(f):
                 continue
-            if f.lower().endswith(_EXTS):
+            if f.lower().endswith(IMAGE_EXTS):
                 out.append(os.path.join(dirpath, f))
             elif f.lower().endswith(_UNREAD_IMAGE_EXTS):
                 unread.append(os.path.join(dirpath, f))
@@ -154,14 +144,14 @@ def _images_under(folder: Path) -> list[str]:
 
 
 def _subdirs(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not _is_hidden(e.name))
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not is_hidden(e.name))
 
 
 def _scan_classes(folder: Path) -> dict[str, list[str]]:
     """Class name -> image paths for a folder of class sub-folders (images may be nested deeper)."""
     classes = _subdirs(folder)
     if not classes:
-        loose = [f for f in os.listdir(folder) if f.lower().endswith(_EXTS)]
+        loose = [f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS)]
         if loose:
             raise DataError(f"{folder} holds images but no class sub-folders; put each class's images in "
                             f"{folder}/<class name>/")
@@ -169,7 +159,7 @@ def _scan_classes(folder: Path) -> dict[str, list[str]]:
     found = {c: _images_under(folder / c) for c in classes}
     empty = [c for c, files in found.items() if not files]
     if len(empty) == len(found):
-        raise DataError(f"no images found under {folder} (looked for {', '.join(_EXTS)}); add images to the class "
+        raise DataError(f"no images found under {folder} (looked for {', '.join(IMAGE_EXTS)}); add images to the class "
                         f"sub-folders")
     if empty:
         names = ", ".join(str(folder / c) for c in empty)
@@ -291,6 +281,14 @@ def _from_files(source: str, path: Path, val_split: float, seed: int, bad_images
 
 # ---------------------------------------------------------------- entry points
 
+def check_build_options(bad_images: str, val_split: float) -> None:
+    """DataError unless ``bad_images`` is fail or skip and ``val_split`` lies in [0, 1)."""
+    if bad_images not in ("fail", "skip"):
+        raise DataError(f"bad_images must be fail or skip, got {bad_images!r}")
+    if not 0 <= val_split < 1:
+        raise DataError(f"val_split must be in [0, 1), got {val_split}")
+
+
 def build_data(source: str | os.PathLike, *, val_split: float = 0.2, seed: int = 0, bad_images: str = "fail",
                root: str | None = None, download: bool = True) -> DataBundle:
     """Build train/val/test datasets from a folder, a CSV file or a built-in name.
@@ -303,10 +301,7 @@ def build_data(source: str | os.PathLike, *, val_split: float = 0.2, seed: int =
         b = build_data("digits")                       # 60/20/20 stratified split of scikit-learn's digits
         b = build_data("photos/", val_split=0.1, bad_images="skip")
     """
-    if bad_images not in ("fail", "skip"):
-        raise DataError(f"bad_images must be fail or skip, got {bad_images!r}")
-    if not 0 <= val_split < 1:
-        raise DataError(f"val_split must be in [0, 1), got {val_split}")
+    check_build_options(bad_images, val_split)
     src = str(source)
     if src.lower() in BUILTINS and not any(ch in src for ch in "/\\"):
         return _from_builtin(src.lower(), val_split, seed, root, download)

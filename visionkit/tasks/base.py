@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -100,6 +101,45 @@ def check_resume_classes(ckpt: dict | None, classes: list[str]) -> None:
                               f"({', '.join(ckpt['classes'][:5])}...), the data has {len(classes)}")
 
 
+def trains_everything(cfg, net: torch.nn.Module, ckpt: dict | None, d, n_train: int, train_loader,
+                      monitor_mode: str, what: str, announce: bool) -> dict:
+    """The training parts a task that fine-tunes a whole network shares (segmentation, detection): optimizer and
+    fine-tuning callbacks, schedule, EMA, compiled forward; as ``Setup`` keyword arguments.
+
+    The backbone (encoder) is the "body" of classification's layer groups, so partial / staged / gradual freezing and
+    discriminative lrs apply to it; auto and none train everything at optim.lr (a linear probe is classification's).
+    ``what``: the task in words, for messages; ``announce``: print the strategy (the model starts from weights).
+    """
+    from .. import finetune as ft
+    from ..engine import distributed
+    from ..engine.optim import build_scheduler
+    strategy = cfg.finetune.strategy
+    if strategy == "linear-probe":
+        raise ConfigError(f"finetune linear-probe is for classification (a head on frozen features); for "
+                          f"{what} use staged, partial, gradual, full or none")
+    quiet = cfg.train.quiet or not d.is_main
+    if ckpt is not None and ckpt.get("finetune"):
+        strategy = ckpt["finetune"]["strategy"]
+    if strategy not in ("full", "partial", "staged", "gradual"):
+        strategy = "none"
+    opt, callbacks = ft.optimizer_for(net, strategy, cfg.finetune, cfg.optim, quiet)
+    decision = ft.Decision(strategy, f"--finetune {cfg.finetune.strategy}" if strategy != "none"
+                           else f"{what} trains everything unless a strategy is asked for", n_train)
+    if not quiet and announce:
+        print(f"finetune: {decision.reason}", file=sys.stderr)
+    epochs = cfg.train.epochs
+    steps_per_epoch = -(-len(train_loader) // cfg.train.grad_accum)
+    sched, per_step = build_scheduler(opt, cfg.sched, epochs, steps_per_epoch, cfg.optim.lr, monitor_mode)
+    ema = None
+    if cfg.train.ema:
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(net, decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
+    forward_model = torch.compile(net) if cfg.model.compile else None
+    distributed.seed_rank(cfg.train.seed, d)
+    return {"opt": opt, "callbacks": callbacks, "decision": decision, "sched": sched, "per_step": per_step,
+            "steps_per_epoch": steps_per_epoch, "epochs": epochs, "ema": ema, "forward_model": forward_model}
+
+
 # canonical name -> module; each module has setup(), looks_like(source), summary_metrics(res), report(...), ...
 TASKS = {"classify": "visionkit.tasks.classify", "segment": "visionkit.tasks.segment",
          "detect": "visionkit.tasks.detect"}
@@ -143,3 +183,37 @@ def monitor_for(task: Task, asked: str, mode: str, has_val: bool) -> tuple[str, 
             raise ConfigError(f"train.monitor {name!r} is not a metric of this {task.name} run{why}; "
                               f"choose from {', '.join(columns)}")
     return name, default_mode if mode == "auto" else mode
+
+
+def read_images(paths: list) -> list:
+    """Every input of a ``predict`` as an RGB PIL image, or one DataError naming the unreadable ones (all are read
+    before anything is written)."""
+    from ..data import DataError, load_rgb
+    images, bad = [], []
+    for p in paths:
+        try:
+            images.append(load_rgb(p))
+        except (OSError, ValueError, SyntaxError) as e:
+            why = "not found" if isinstance(e, FileNotFoundError) else (str(e).splitlines() or ["unreadable"])[0]
+            bad.append(f"{p} ({why[:120]})")
+    if bad:
+        raise DataError(f"{len(bad)} of {len(paths)} inputs cannot be read: " + "; ".join(bad[:5]))
+    return images
+
+
+def output_files(out, paths: list, suffixes: tuple[str, ...]) -> list[tuple]:
+    """Per input, the files a ``predict --out`` writes (``<stem><suffix>`` in ``out``; stems numbered when two
+    inputs share one); a DataError when any exists already (never overwritten), else ``out`` is created."""
+    from pathlib import Path
+
+    from ..data import DataError
+    out = Path(out)
+    stems = [Path(p).stem for p in paths]
+    if len(set(stems)) != len(stems):  # two inputs named a.jpg in different folders
+        stems = [f"{i:04d}_{s}" for i, s in enumerate(stems)]
+    files = [tuple(out / f"{s}{suf}" for suf in suffixes) for s in stems]
+    taken = [str(f) for group in files for f in group if f.exists()]
+    if taken:
+        raise DataError(f"{taken[0]} already exists (and {len(taken) - 1} more); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return files

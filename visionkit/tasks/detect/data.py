@@ -37,54 +37,57 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import hashlib
 import json
 import math
 import os
-import statistics
-import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.ops import box_convert, clip_boxes_to_image, remove_small_boxes
 
 from visionkit.data.backgrounds import hsv_to_rgb, random_backgrounds
+from visionkit.data.builtins import fingerprint_tensors, generate_chunks
 from visionkit.data.collate import to_device
 from visionkit.data.datasets import load_rgb
 from visionkit.data.errors import DataError
+from visionkit.data.layout import (
+    CSV_IMAGE_COLUMNS,
+    SPLIT_DIRS,
+    csv_header,
+    files_under,
+    find_sub,
+    is_hidden,
+    note,
+    read_csv_rows,
+    self_or_only_child,
+    subdirs,
+    train_val_test,
+    voc_split_lists,
+)
 from visionkit.data.loaders import Loader, SeededSamples, WorkerLoader, mix_seed
-from visionkit.data.validate import bad_files_error, check_image
+from visionkit.data.sources import check_build_options, size_stats
+from visionkit.data.validate import check_all, check_oriented_image, fail_or_note_bad
 
 from .transforms import DetBatchAugment, build_det_eval_transform, build_det_train_transform
 
-SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-_EXTS = tuple(IMG_EXTENSIONS)
 _LAYOUT_HINT = ("expected COCO JSON (DIR/annotations/*.json or a .json file), Pascal VOC (Annotations/*.xml, "
                 "JPEGImages/, ImageSets/Main/), YOLO txt (DIR/images + DIR/labels/*.txt, or DIR/train/{images,labels}"
                 ") or a CSV file with image,label,xmin,ymin,xmax,ymax columns")
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
-_CSV_IMAGE = ("image", "img", "path", "file", "filename")
 _CSV_LABEL = ("label", "class", "category")
 _CSV_BOX = ("xmin", "ymin", "xmax", "ymax")
 MIN_AREA_SIDE = 1e-2  # boxes narrower or lower than this many pixels count as zero-area (dropped)
-
-
-def _note(msg: str) -> None:
-    print(f"note: {msg}", file=sys.stderr)
 
 
 def _plural(n: int, word: str) -> str:
@@ -158,9 +161,7 @@ class DetBundle:
         for split, ds in self.splits().items():
             out["splits"][split] = _split_summary(ds.targets, self.classes)
         if self.image_sizes:
-            ws, hs = [s[0] for s in self.image_sizes], [s[1] for s in self.image_sizes]
-            out["image_sizes"] = {n: {"min": min(v), "median": statistics.median(v), "max": max(v)}
-                                  for n, v in (("width", ws), ("height", hs))}
+            out["image_sizes"] = size_stats(self.image_sizes)
         return out
 
 
@@ -251,7 +252,7 @@ class DetFiles(Dataset):
         if self._sizes is None:
             self._sizes = []
             for p in self.paths:
-                size, _ = _image_size(p)
+                size, _ = check_oriented_image(p)
                 self._sizes.append((size[1], size[0]) if size else (0, 0))
         return list(self._sizes)
 
@@ -325,25 +326,14 @@ def make_det_shapes(n: int, seed: int, size: int = DET_SHAPES_SIZE, workers: int
 
         x, targets = make_det_shapes(8, seed=0)  # [8,3,128,128] uint8, 8 dicts with boxes in 0..128
     """
-    starts = list(range(0, n, _DET_CHUNK))
-    if not starts:
+    if n <= 0:
         return torch.empty(0, 3, size, size, dtype=torch.uint8), []
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    threads = torch.get_num_threads()
 
-    def one(c: int) -> tuple[Tensor, list[dict]]:
-        torch.set_num_threads(1)  # per thread: reductions then add up in one order everywhere
-        g = torch.Generator().manual_seed(mix_seed(seed, c))
-        return _det_shapes_chunk(min(_DET_CHUNK, n - starts[c]), g, size)
+    def one(k: int, c: int) -> tuple[Tensor, list[dict]]:
+        return _det_shapes_chunk(k, torch.Generator().manual_seed(mix_seed(seed, c)), size)  # chunk c's own seed
 
-    try:
-        if workers <= 1 or len(starts) == 1:
-            parts = [one(c) for c in range(len(starts))]
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                parts = list(pool.map(one, range(len(starts))))
-    finally:
-        torch.set_num_threads(threads)
+    parts = generate_chunks(n, _DET_CHUNK, one, workers)
     return torch.cat([x for x, _ in parts]), [t for _, ts in parts for t in ts]
 
 
@@ -429,14 +419,6 @@ def _det_shapes_chunk(n: int, g: torch.Generator, size: int) -> tuple[Tensor, li
     return img.round_().clamp_(0, 255).to(torch.uint8), targets
 
 
-def _fingerprint_tensors(*tensors: Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 @functools.lru_cache(maxsize=1)
 def _det_shapes_splits() -> dict[str, tuple[Tensor, list[dict]]]:
     return {s: make_det_shapes(n, seed) for s, (n, seed) in DET_SHAPES_SPLITS.items()}
@@ -451,37 +433,13 @@ def _det_shapes_bundle() -> DetBundle:
         flat += [torch.cat([t["boxes"], t["labels"][:, None].float()], dim=1) for t in ts]
     ds = {s: DetTensors(x, ts, classes) for s, (x, ts) in parts.items()}
     return DetBundle("det-shapes", classes, ds["train"], ds["val"], ds["test"], native_size=DET_SHAPES_SIZE,
-                     fingerprint=_fingerprint_tensors(*flat), palette=list(DET_SHAPES_PALETTE))
+                     fingerprint=fingerprint_tensors(*flat), palette=list(DET_SHAPES_PALETTE))
 
 
 DET_BUILTINS: dict[str, Callable[[], DetBundle]] = {"det-shapes": _det_shapes_bundle}
 
 
 # ---------------------------------------------------------------- layouts
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith((".", "__"))
-
-
-def _subdirs(folder: Path) -> list[str]:
-    try:
-        return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not _is_hidden(e.name))
-    except OSError:
-        return []
-
-
-def _find_sub(folder: Path, names: Sequence[str]) -> Path | None:
-    subs = {s.lower(): s for s in _subdirs(folder)}
-    return next((folder / subs[n] for n in names if n in subs), None)
-
-
-def _files(folder: Path, exts: tuple[str, ...] = _EXTS) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        out += [Path(dirpath) / f for f in sorted(filenames) if not _is_hidden(f) and f.lower().endswith(exts)]
-    return out
-
 
 def _split_of(name: str) -> str | None:
     """train / val / test from a file or folder name (``instances_val2017`` -> val, ``valid`` -> val)."""
@@ -508,7 +466,7 @@ def _looks_coco(path: Path) -> bool:
 
 def _coco_jsons(folder: Path) -> list[Path]:
     try:
-        return sorted(p for p in folder.iterdir() if not _is_hidden(p.name) and _looks_coco(p))
+        return sorted(p for p in folder.iterdir() if not is_hidden(p.name) and _looks_coco(p))
     except OSError:
         return []
 
@@ -517,9 +475,9 @@ def _txt_labels(folder: Path, limit: int = 50) -> bool:
     """A YOLO labels folder: its first ``limit`` files are .txt (classes.txt aside) and there is at least one."""
     seen = 0
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         for f in sorted(filenames):
-            if _is_hidden(f) or f.lower() == "classes.txt":
+            if is_hidden(f) or f.lower() == "classes.txt":
                 continue
             if not f.lower().endswith(".txt"):
                 return False
@@ -536,29 +494,26 @@ def _voc_root(folder: Path) -> Path | None:
         return ann.is_dir() and (p / "JPEGImages").is_dir() and any(f.suffix.lower() == ".xml" for f in ann.iterdir())
 
     with contextlib.suppress(OSError):
-        if is_voc(folder):
-            return folder
-        kids = [folder / s for s in _subdirs(folder) if is_voc(folder / s)]
-        return kids[0] if len(kids) == 1 else None
+        return self_or_only_child(folder, is_voc)
     return None
 
 
 def _yolo_dirs(folder: Path) -> dict[str, tuple[Path, Path]] | None:
     """{split: (images, labels)} of a YOLO layout (labels holding .txt files), None otherwise."""
-    images, labels = _find_sub(folder, ("images",)), _find_sub(folder, ("labels",))
+    images, labels = find_sub(folder, ("images",)), find_sub(folder, ("labels",))
     if images and labels and _txt_labels(labels):
         out: dict[str, tuple[Path, Path]] = {}
-        for s in _subdirs(images):
+        for s in subdirs(images):
             split = SPLIT_DIRS.get(s.lower())
             if split and split not in out:
                 out[split] = (images / s, labels / s)
         return out if "train" in out else {"train": (images, labels)}
     out = {}
-    for s in _subdirs(folder):
+    for s in subdirs(folder):
         split = SPLIT_DIRS.get(s.lower())
         if split is None or split in out:
             continue
-        im, lb = _find_sub(folder / s, ("images",)), _find_sub(folder / s, ("labels",))
+        im, lb = find_sub(folder / s, ("images",)), find_sub(folder / s, ("labels",))
         if im and lb and _txt_labels(lb):
             out[split] = (im, lb)
     return out if "train" in out else None
@@ -566,9 +521,9 @@ def _yolo_dirs(folder: Path) -> dict[str, tuple[Path, Path]] | None:
 
 def _coco_dirs(folder: Path) -> dict[str, Path] | None:
     """{split: json} of ``DIR/annotations/*.json`` or Roboflow's ``DIR/{train,valid,test}/*.json``."""
-    ann = _find_sub(folder, ("annotations",))
+    ann = find_sub(folder, ("annotations",))
     files = _coco_jsons(ann) if ann else []
-    if ann and files and not _files(ann):  # no images among the annotations (segmentation masks live there)
+    if ann and files and not files_under(ann):  # no images among the annotations (segmentation masks live there)
         inst = [p for p in files if p.name.lower().startswith("instances_")]
         files = inst or files
         out: dict[str, Path] = {}
@@ -582,21 +537,12 @@ def _coco_dirs(folder: Path) -> dict[str, Path] | None:
             out[split] = p
         return out if "train" in out else None
     out = {}
-    for s in _subdirs(folder):
+    for s in subdirs(folder):
         split = SPLIT_DIRS.get(s.lower())
         js = _coco_jsons(folder / s) if split else []
         if split and len(js) == 1 and split not in out:
             out[split] = js[0]
     return out if "train" in out else None
-
-
-def _csv_header(path: Path) -> list[str] | None:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            first = next(csv.reader(f), None)
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return None
-    return [c.strip().lower() for c in first] if first else None
 
 
 def _layout(path: Path) -> tuple[str, Any] | None:
@@ -607,8 +553,8 @@ def _layout(path: Path) -> tuple[str, Any] | None:
         if suffix == ".json":
             return ("coco", {"train": path}) if _looks_coco(path) else None
         if suffix == ".csv":
-            head = _csv_header(path)
-            if head and any(h in _CSV_IMAGE for h in head) and any(h in _CSV_LABEL for h in head) \
+            head = csv_header(path)
+            if head and any(h in CSV_IMAGE_COLUMNS for h in head) and any(h in _CSV_LABEL for h in head) \
                     and all(b in head for b in _CSV_BOX):
                 return "csv", path
             return None
@@ -703,7 +649,7 @@ def _coco_image_roots(json_path: Path, root: Path | None, split: str) -> list[Pa
     split = _split_of(json_path.stem) or split  # a file given directly is "train" but may be named val
     out = []
     for d in (root / "images", root):
-        out += [d / s for s in _subdirs(d) if _split_of(s) == split and s.lower() not in ("annotations", "labels")]
+        out += [d / s for s in subdirs(d) if _split_of(s) == split and s.lower() not in ("annotations", "labels")]
     return out + [root / "images", root, json_path.parent]
 
 
@@ -723,7 +669,7 @@ def _read_coco(files: dict[str, Path], root: Path | None) -> tuple[Splits, list[
             bad.append({"path": str(jp), "reason": f"malformed COCO JSON ({str(e).splitlines()[0]})"})
             continue
         if "annotations" not in data:
-            _note(f"{jp} has no annotations (an image list for a test server?); not used")
+            note(f"{jp} has no annotations (an image list for a test server?); not used")
             continue
         if cats is None:
             cats = these
@@ -809,12 +755,9 @@ def _parse_voc_xml(path: Path) -> list[tuple[str, tuple[float, float, float, flo
 
 def _read_voc(root: Path) -> tuple[Splits, list[dict], list[str]]:
     ann, jpeg, sets = root / "Annotations", root / "JPEGImages", root / "ImageSets" / "Main"
-    xmls = {p.stem: p for p in _files(ann, (".xml",))}
-    images = {p.stem: p for p in _files(jpeg)}
-    lists = {s: sets / f"{s}.txt" for s in ("train", "val", "test")}
-    if not lists["train"].is_file() and (sets / "trainval.txt").is_file():  # train on all of it, seeded val split
-        lists["train"] = sets / "trainval.txt"
-        del lists["val"]
+    xmls = {p.stem: p for p in files_under(ann, (".xml",))}
+    images = {p.stem: p for p in files_under(jpeg)}
+    lists = voc_split_lists(sets)
     bad: list[dict] = []
     ids: dict[str, list[str]] = {}
     if lists["train"].is_file():
@@ -822,7 +765,7 @@ def _read_voc(root: Path) -> tuple[Splits, list[dict], list[str]]:
             if f.is_file():
                 ids[split] = [ln.split()[0] for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if "test" in ids and not any(i in xmls for i in ids["test"]):
-            _note(f"{lists['test']} lists no id with an annotation in {ann}; no test split")
+            note(f"{lists['test']} lists no id with an annotation in {ann}; no test split")
             del ids["test"]
     else:
         ids["train"] = sorted(xmls)
@@ -846,7 +789,7 @@ def _read_voc(root: Path) -> tuple[Splits, list[dict], list[str]]:
         classes = list(VOC_CLASSES)
     else:
         classes = names
-        _note(f"no classes.txt in {root}; the XMLs name {len(names)} classes, numbered in sorted order (add "
+        note(f"no classes.txt in {root}; the XMLs name {len(names)} classes, numbered in sorted order (add "
               f"{classes_file} with one name per line to fix the order)")
     index = {c: k for k, c in enumerate(classes)}
     splits: Splits = {}
@@ -930,10 +873,10 @@ def _read_yolo(root: Path) -> tuple[Splits, list[dict], list[str]]:
     top = -1
     for split, (images, labels) in dirs.items():
         if not labels.is_dir():  # (every image would pass for a negative)
-            _note(f"{images} has no labels folder {labels}; its {split} images are not used")
+            note(f"{images} has no labels folder {labels}; its {split} images are not used")
             continue
-        imgs = {p.relative_to(images).with_suffix("").as_posix(): p for p in _files(images)}
-        txts = {p.relative_to(labels).with_suffix("").as_posix(): p for p in _files(labels, (".txt",))
+        imgs = {p.relative_to(images).with_suffix("").as_posix(): p for p in files_under(images)}
+        txts = {p.relative_to(labels).with_suffix("").as_posix(): p for p in files_under(labels, (".txt",))
                 if p.name.lower() != "classes.txt"}
         recs = []
         for key, p in imgs.items():
@@ -956,21 +899,15 @@ def _read_yolo(root: Path) -> tuple[Splits, list[dict], list[str]]:
         splits[split] = recs
     if names is None:
         names = [f"class_{i}" for i in range(top + 1)]
-        _note(f"no data.yaml or classes.txt in {root}; the labels hold class ids 0..{top}, named class_0.."
+        note(f"no data.yaml or classes.txt in {root}; the labels hold class ids 0..{top}, named class_0.."
               f"class_{top} (add {root / 'data.yaml'} with names: [...] to name them)")
     return splits, bad, names
 
 
 def _read_csv(path: Path) -> tuple[Splits, list[dict], list[str]]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [[c.strip() for c in r] for r in csv.reader(f)]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"cannot read CSV {path}: {e}; give a UTF-8 CSV with image,label,xmin,ymin,xmax,ymax "
-                        f"columns") from None
-    rows = [r for r in rows if any(r)]
+    rows = read_csv_rows(path, "image,label,xmin,ymin,xmax,ymax")
     head = [c.lower() for c in rows[0]] if rows else []
-    ii = next((i for i, h in enumerate(head) if h in _CSV_IMAGE), None)
+    ii = next((i for i, h in enumerate(head) if h in CSV_IMAGE_COLUMNS), None)
     li = next((i for i, h in enumerate(head) if h in _CSV_LABEL), None)
     if ii is None or li is None or not all(b in head for b in _CSV_BOX):
         raise DataError(f"CSV {path} needs the header image,label,xmin,ymin,xmax,ymax; got "
@@ -1010,7 +947,7 @@ def _read_csv(path: Path) -> tuple[Splits, list[dict], list[str]]:
         if labels and all(s.lstrip("-").isdigit() for s in labels):
             top = max(int(s) for s in labels)
             classes = [f"class_{i}" for i in range(top + 1)]
-            _note(f"no classes.txt beside {path}; its labels are class ids 0..{top}, named class_0..class_{top}")
+            note(f"no classes.txt beside {path}; its labels are class ids 0..{top}, named class_0..class_{top}")
         else:
             classes = sorted(set(labels))
     index = {c: k for k, c in enumerate(classes)}
@@ -1048,19 +985,8 @@ class _Checked:
     dropped: int = 0
 
 
-def _image_size(path: str) -> tuple[tuple[int, int] | None, str | None]:
-    """Decode-check an image; its (w, h) as shown, after the EXIF orientation (as ``load_rgb`` reads it)."""
-    size, reason = check_image(path)
-    if size is None:
-        return None, reason
-    with contextlib.suppress(Exception), Image.open(path) as im:  # EXIF is a nicety: the pixels decoded above
-        if im.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
-            size = (size[1], size[0])
-    return size, None
-
-
 def _check_record(rec: DetRecord, k: int) -> _Checked:
-    size, reason = _image_size(rec.path)
+    size, reason = check_oriented_image(rec.path)
     if reason:
         return _Checked(bad={"path": rec.path, "reason": reason})
     w, h = size  # type: ignore[misc]
@@ -1088,22 +1014,10 @@ def validate_records(records: Sequence[DetRecord], num_classes: int, workers: in
 
         [c.bad for c in validate_records([_record("a.jpg", [[0, 0, 5, 5]], [0])], 1)]  # [None] when all is well
     """
-    if not records:
-        return []
-    workers = workers or min(16, 2 * (os.cpu_count() or 1))
-    old = ImageFile.LOAD_TRUNCATED_IMAGES  # truncated files must fail (a process-wide switch: pinned here)
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-
     def one(rec: DetRecord) -> _Checked:
         return _check_record(rec, num_classes)
 
-    try:
-        if len(records) < 64 or workers == 1:
-            return [one(r) for r in records]
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(one, records))
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = old
+    return check_all(one, records, workers)
 
 
 def _fingerprint_files(kept: Sequence[tuple[str, _Checked]], base: Path) -> str:
@@ -1119,15 +1033,6 @@ def _fingerprint_files(kept: Sequence[tuple[str, _Checked]], base: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _random_split(n: int, frac: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded hold-out of round(n * frac) indices (at least 1 when frac > 0 and n >= 2): sorted (keep, held)."""
-    if frac <= 0 or n < 2:
-        return list(range(n)), []
-    k = min(max(round(n * frac), 1), n - 1)
-    perm = np.random.default_rng(seed).permutation(n)
-    return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
-
-
 def _from_files(source: str, path: Path, val_split: float, seed: int, bad_images: str) -> DetBundle:
     found = _layout(path)
     if found is None:
@@ -1136,7 +1041,7 @@ def _from_files(source: str, path: Path, val_split: float, seed: int, bad_images
     category_ids = None
     if kind == "coco":
         if path.is_dir():
-            root = path if _find_sub(path, ("annotations",)) else None
+            root = path if find_sub(path, ("annotations",)) else None
         else:  # DIR/annotations/x.json given directly: DIR holds the images
             root = path.parent.parent if path.parent.name.lower() == "annotations" else None
         splits, bad, classes, category_ids = _read_coco(where, root)
@@ -1152,31 +1057,20 @@ def _from_files(source: str, path: Path, val_split: float, seed: int, bad_images
     flat = [(s, r) for s, recs in splits.items() for r in recs]
     checked = validate_records([r for _, r in flat], max(len(classes), 1))
     bad += [c.bad for c in checked if c.bad is not None]
-    if bad and bad_images == "fail":
-        raise bad_files_error(bad, str(source))
+    fail_or_note_bad(bad, str(source), bad_images)
     kept = [(s, r, c) for (s, r), c in zip(flat, checked) if c.bad is None]
-    if bad:
-        first = f"{bad[0]['path']} ({bad[0]['reason']})"
-        _note(f"skipped {len(bad)} bad file{'s' if len(bad) != 1 else ''} in {source} (first: {first}); "
-              f"the bundle's bad_files lists {'them' if len(bad) != 1 else 'it'}")
     for what, said in (("clipped", "partly outside the image: clipped to it"),
                        ("dropped", "of zero or negative area: dropped")):
         hit = [(r, getattr(c, what)) for _, r, c in kept if getattr(c, what)]
         if hit:
-            _note(f"{_plural(sum(n for _, n in hit), 'box')} {said} (first: {hit[0][0].path})")
+            note(f"{_plural(sum(n for _, n in hit), 'box')} {said} (first: {hit[0][0].path})")
     if not classes:
         raise DataError(f"no usable annotations in {source}; fix the files listed with --bad-images fail")
     per_split = {s: DetFiles([r.path for s2, r, _ in kept if s2 == s], [c.target for s2, _, c in kept if s2 == s],
                              classes, [(c.size[1], c.size[0]) for s2, _, c in kept if s2 == s]) for s in splits}
     if not len(per_split.get("train", [])):
         raise DataError(f"no usable training images in {source}; fix the files listed with --bad-images fail")
-    train, val = per_split["train"], per_split.get("val")
-    if val is None:
-        keep, held = _random_split(len(train), val_split, seed)
-        train, val = train.subset(keep), (train.subset(held) if held else None)
-    elif len(val) == 0:
-        val = None
-    test = per_split.get("test") or None
+    train, val, test = train_val_test(per_split, val_split, seed)
     fp = _fingerprint_files([(r.path, c) for _, r, c in kept], base)
     return DetBundle(str(source), list(classes), train, val, test, native_size=None, fingerprint=fp, bad_files=bad,
                      palette=class_palette(len(classes)), category_ids=category_ids,
@@ -1195,10 +1089,7 @@ def build_det_data(source: str | os.PathLike, *, val_split: float = 0.2, seed: i
         b = build_det_data("det-shapes")                     # train 2000 / val 300 / test 500, 128x128
         b = build_det_data("coco/", bad_images="skip")       # coco/annotations/instances_{train,val}2017.json
     """
-    if bad_images not in ("fail", "skip"):
-        raise DataError(f"bad_images must be fail or skip, got {bad_images!r}")
-    if not 0 <= val_split < 1:
-        raise DataError(f"val_split must be in [0, 1), got {val_split}")
+    check_build_options(bad_images, val_split)
     src = str(source)
     if src.lower() in DET_BUILTINS and not any(ch in src for ch in "/\\"):
         return DET_BUILTINS[src.lower()]()

@@ -22,9 +22,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from ...config import Config, ConfigError, resolve_config
 from ...core.runtime import resolve_device, run_autocast
-from ...data import DataError, load_rgb
+from ...data import DataError
 from ...engine.checkpoint import load_checkpoint
 from ...engine.loop import evaluate
+from ..base import output_files, read_images
 from .models import create_det_model
 from .task import DetectionTask, build_bundle, loader_for, merge, set_postprocess
 
@@ -165,26 +166,8 @@ class DetPredictor:
         if not 0 <= conf < 1 or not 0 < iou <= 1 or max_det < 1:
             raise ConfigError(f"--conf must be in [0, 1), --iou in (0, 1], --max-det >= 1 "
                               f"(got {conf:g}, {iou:g}, {max_det})")
-        images, bad = [], []
-        for p in paths:
-            try:
-                images.append(load_rgb(p))
-            except (OSError, ValueError, SyntaxError) as e:
-                why = "not found" if isinstance(e, FileNotFoundError) else (str(e).splitlines() or ["unreadable"])[0]
-                bad.append(f"{p} ({why[:120]})")
-        if bad:
-            raise DataError(f"{len(bad)} of {len(paths)} inputs cannot be read: " + "; ".join(bad[:5]))
-        targets = []
-        if out is not None:
-            out = Path(out)
-            stems = [Path(p).stem for p in paths]
-            if len(set(stems)) != len(stems):  # two inputs named a.jpg in different folders
-                stems = [f"{i:04d}_{s}" for i, s in enumerate(stems)]
-            targets = [out / f"{s}_boxes.jpg" for s in stems]
-            taken = [str(f) for f in targets if f.exists()]
-            if taken:
-                raise DataError(f"{taken[0]} already exists (and {len(taken) - 1} more); choose another --out")
-            out.mkdir(parents=True, exist_ok=True)
+        images = read_images(paths)
+        targets = [f for f, in output_files(out, paths, ("_boxes.jpg",))] if out is not None else []
         res = []
         for i, (p, im) in enumerate(zip(paths, images)):
             d = self.detect(im, conf, iou, max_det)

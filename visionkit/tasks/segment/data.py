@@ -22,43 +22,51 @@ Example::
 """
 from __future__ import annotations
 
-import contextlib
-import csv
 import functools
 import hashlib
 import math
 import os
 import re
-import statistics
-import sys
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from visionkit.data.backgrounds import hsv_to_rgb, random_backgrounds
+from visionkit.data.builtins import fingerprint_tensors, generate_chunks
 from visionkit.data.datasets import load_rgb
 from visionkit.data.errors import DataError
+from visionkit.data.layout import (
+    CSV_IMAGE_COLUMNS,
+    IMAGE_EXTS,
+    SPLIT_DIRS,
+    csv_header,
+    files_under,
+    find_sub,
+    note,
+    read_csv_rows,
+    self_or_only_child,
+    subdirs,
+    train_val_test,
+    voc_split_lists,
+)
 from visionkit.data.loaders import Loader, SeededSamples, WorkerLoader
-from visionkit.data.validate import bad_files_error, check_image
+from visionkit.data.sources import check_build_options, size_stats
+from visionkit.data.validate import check_all, check_image, check_oriented_image, fail_or_note_bad
 
 from .transforms import IGNORE_INDEX, SegBatchAugment, build_seg_eval_transform, build_seg_train_transform
 
 Palette = dict[tuple[int, int, int], int]  # mask colour -> class id (or the ignore index)
 
-SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 IMAGE_DIRS = ("images", "imgs")
 MASK_DIRS = ("masks", "labels", "annotations")
 MASK_SUFFIXES = ("_mask", "-mask", "_label", "-label", "_gt")
-_EXTS = tuple(IMG_EXTENSIONS)
 _LAYOUT_HINT = ("expected DIR/images + DIR/masks, DIR/train/{images,masks} (+ val/, test/), a Pascal VOC folder "
                 "(JPEGImages/, SegmentationClass/, ImageSets/Segmentation/) or a CSV file with image,mask columns")
 
@@ -66,10 +74,6 @@ VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor"]
 VOC_BOUNDARY = (224, 224, 192)  # the "void" outline colour of VOC masks saved as RGB
-
-
-def _note(msg: str) -> None:
-    print(f"note: {msg}", file=sys.stderr)
 
 
 def voc_colormap(n: int = 256) -> list[tuple[int, int, int]]:
@@ -130,9 +134,7 @@ class SegBundle:
             frac = (counts / counts.sum().clamp(min=1)).tolist()
             out["splits"][split] = {"n": len(ds), "pixel_fraction": {c: round(f, 5) for c, f in zip(self.classes, frac)}}
         if self.image_sizes:
-            ws, hs = [s[0] for s in self.image_sizes], [s[1] for s in self.image_sizes]
-            out["image_sizes"] = {n: {"min": min(v), "median": statistics.median(v), "max": max(v)}
-                                  for n, v in (("width", ws), ("height", hs))}
+            out["image_sizes"] = size_stats(self.image_sizes)
         return out
 
 
@@ -292,17 +294,6 @@ def _bincount(ids: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     return np.bincount(v) if v.size else np.zeros(0, dtype=np.int64)
 
 
-def _image_size(path: str) -> tuple[tuple[int, int] | None, str | None]:
-    """Decode-check an image; its (w, h) as shown, after the EXIF orientation (as ``load_rgb`` reads it)."""
-    size, reason = check_image(path)
-    if size is None:
-        return None, reason
-    with contextlib.suppress(Exception), Image.open(path) as im:  # EXIF is a nicety: the pixels decoded above
-        if im.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
-            size = (size[1], size[0])
-    return size, None
-
-
 @dataclass
 class _Checked:
     """Validation result of one image/mask pair."""
@@ -314,7 +305,7 @@ class _Checked:
 
 def _check_pair(img: str, mask: str, palette: Palette | None, num_classes: int | None,
                 ignore_index: int) -> _Checked:
-    size, reason = _image_size(img)
+    size, reason = check_oriented_image(img)
     if reason:
         return _Checked(bad={"path": img, "reason": reason})
     _, reason = check_image(mask)
@@ -347,22 +338,10 @@ def validate_pairs(pairs: Sequence[tuple[str, str]], palette: Palette | None = N
 
         [c.bad for c in validate_pairs([("a.jpg", "a.png")], num_classes=3)]  # [None] when all is well
     """
-    if not pairs:
-        return []
-    workers = workers or min(16, 2 * (os.cpu_count() or 1))
-    old = ImageFile.LOAD_TRUNCATED_IMAGES  # truncated files must fail (a process-wide switch: pinned here)
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-
     def one(pair: tuple[str, str]) -> _Checked:
         return _check_pair(pair[0], pair[1], palette, num_classes, ignore_index)
 
-    try:
-        if len(pairs) < 64 or workers == 1:
-            return [one(p) for p in pairs]
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(one, pairs))
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = old
+    return check_all(one, pairs, workers)
 
 
 # ---------------------------------------------------------------- built-in seg-shapes
@@ -421,20 +400,11 @@ def make_seg_shapes(n: int, seed: int, size: int = SEG_SHAPES_SIZE, chunk: int =
 
         x, y = make_seg_shapes(8, seed=0)  # [8,3,64,64] uint8, [8,64,64] uint8 with ids 0..5
     """
-    g = torch.Generator().manual_seed(seed)
-    xs, ys = [], []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: one thread is 2-3x faster on a busy machine (same bytes either way)
-    try:
-        for start in range(0, n, chunk):
-            x, y = _seg_shapes_chunk(min(chunk, n - start), g, size)
-            xs.append(x)
-            ys.append(y)
-    finally:
-        torch.set_num_threads(threads)
-    if not xs:
+    g = torch.Generator().manual_seed(seed)  # one generator through all chunks, in order
+    parts = generate_chunks(n, chunk, lambda k, _: _seg_shapes_chunk(k, g, size))
+    if not parts:
         return torch.empty(0, 3, size, size, dtype=torch.uint8), torch.empty(0, size, size, dtype=torch.uint8)
-    return torch.cat(xs), torch.cat(ys)
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
 
 
 def _seg_shapes_chunk(n: int, g: torch.Generator, size: int) -> tuple[Tensor, Tensor]:
@@ -480,14 +450,6 @@ def _seg_shapes_chunk(n: int, g: torch.Generator, size: int) -> tuple[Tensor, Te
     return img.round().clamp(0, 255).to(torch.uint8), label
 
 
-def _fingerprint_tensors(*tensors: Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 @functools.lru_cache(maxsize=1)
 def _seg_shapes_splits() -> dict[str, tuple[Tensor, Tensor]]:
     return {s: make_seg_shapes(n, seed) for s, (n, seed) in SEG_SHAPES_SPLITS.items()}
@@ -496,7 +458,7 @@ def _seg_shapes_splits() -> dict[str, tuple[Tensor, Tensor]]:
 def _seg_shapes_bundle() -> SegBundle:
     parts = _seg_shapes_splits()
     classes = list(SEG_SHAPES_CLASSES)
-    fp = _fingerprint_tensors(*(t for pair in parts.values() for t in pair))
+    fp = fingerprint_tensors(*(t for pair in parts.values() for t in pair))
     ds = {s: SegTensors(x, y, classes) for s, (x, y) in parts.items()}
     return SegBundle("seg-shapes", classes, ds["train"], ds["val"], ds["test"], 3, SEG_SHAPES_SIZE, fp,
                      palette=list(SEG_SHAPES_PALETTE))
@@ -507,55 +469,24 @@ SEG_BUILTINS: dict[str, Callable[[], SegBundle]] = {"seg-shapes": _seg_shapes_bu
 
 # ---------------------------------------------------------------- layouts
 
-def _is_hidden(name: str) -> bool:
-    return name.startswith((".", "__"))
-
-
-def _subdirs(folder: Path) -> list[str]:
-    try:
-        return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not _is_hidden(e.name))
-    except OSError:
-        return []
-
-
-def _find_sub(folder: Path, names: Sequence[str]) -> Path | None:
-    subs = {s.lower(): s for s in _subdirs(folder)}
-    return next((folder / subs[n] for n in names if n in subs), None)
-
-
 def _voc_root(folder: Path) -> Path | None:
     """``folder`` itself when it holds JPEGImages + SegmentationClass, or its only child that does (VOCdevkit)."""
     def is_voc(p: Path) -> bool:
         return (p / "JPEGImages").is_dir() and (p / "SegmentationClass").is_dir()
 
-    if is_voc(folder):
-        return folder
-    kids = [folder / s for s in _subdirs(folder) if is_voc(folder / s)]
-    return kids[0] if len(kids) == 1 else None
+    return self_or_only_child(folder, is_voc)
 
 
 def _split_dirs(folder: Path) -> dict[str, Path] | None:
     """{split: folder} for DIR/{train,val,test}/{images,masks}; None when DIR/train has no images + masks."""
     out: dict[str, Path] = {}
-    for s in _subdirs(folder):
+    for s in subdirs(folder):
         split = SPLIT_DIRS.get(s.lower())
-        if split and _find_sub(folder / s, IMAGE_DIRS) and _find_sub(folder / s, MASK_DIRS):
+        if split and find_sub(folder / s, IMAGE_DIRS) and find_sub(folder / s, MASK_DIRS):
             if split in out:
                 raise DataError(f"{folder} has more than one {split} folder; keep one")
             out[split] = folder / s
     return out if "train" in out else None
-
-
-def _csv_header(path: Path) -> list[str] | None:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            first = next(csv.reader(f), None)
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return None
-    return [c.strip().lower() for c in first] if first else None
-
-
-_CSV_IMAGE = ("image", "img", "path", "file", "filename")
 
 
 def _layout(path: Path) -> tuple[str, Path] | None:
@@ -563,8 +494,8 @@ def _layout(path: Path) -> tuple[str, Path] | None:
     if path.is_file():
         if path.suffix.lower() != ".csv":
             return None
-        head = _csv_header(path)
-        if head and "mask" in head and any(h in _CSV_IMAGE for h in head):
+        head = csv_header(path)
+        if head and "mask" in head and any(h in CSV_IMAGE_COLUMNS for h in head):
             return "csv", path
         return None
     if not path.is_dir():
@@ -572,7 +503,7 @@ def _layout(path: Path) -> tuple[str, Path] | None:
     voc = _voc_root(path)
     if voc is not None:
         return "voc", voc
-    if _find_sub(path, IMAGE_DIRS) and _find_sub(path, MASK_DIRS):
+    if find_sub(path, IMAGE_DIRS) and find_sub(path, MASK_DIRS):
         return "flat", path
     if _split_dirs(path):
         return "splits", path
@@ -644,14 +575,6 @@ def read_classes_file(path: Path) -> tuple[list[str], Palette | None]:
     return names, ({c: i for i, c in enumerate(colours)} if all(given) else None)  # type: ignore[misc]
 
 
-def _files(folder: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        out += [Path(dirpath) / f for f in sorted(filenames) if not _is_hidden(f) and f.lower().endswith(_EXTS)]
-    return out
-
-
 def _key(p: Path, base: Path, strip_suffix: bool) -> str:
     rel = p.relative_to(base).with_suffix("").as_posix()
     if strip_suffix:
@@ -665,14 +588,14 @@ def _pair_folder(images: Path, masks: Path) -> tuple[list[tuple[str, str]], list
     """Pairs of ``images`` and ``masks`` by relative stem; images without mask / masks without image are bad."""
     bad: list[dict] = []
     imgs: dict[str, Path] = {}
-    for p in _files(images):
+    for p in files_under(images):
         k = _key(p, images, False)
         if k in imgs:
             bad.append({"path": str(p), "reason": f"another image has the same name stem ({imgs[k].name})"})
         else:
             imgs[k] = p
     msks: dict[str, Path] = {}
-    for p in _files(masks):
+    for p in files_under(masks):
         k = _key(p, masks, False)
         if k not in imgs:
             k = _key(p, masks, True)
@@ -688,19 +611,16 @@ def _pair_folder(images: Path, masks: Path) -> tuple[list[tuple[str, str]], list
             bad.append({"path": str(p), "reason": f"missing mask (no {k}.* in {masks})"})
     bad += [{"path": str(p), "reason": "mask without an image"} for k, p in msks.items() if k not in imgs]
     if not imgs:
-        raise DataError(f"no images in {images} (looked for {', '.join(_EXTS)}); add the images there")
+        raise DataError(f"no images in {images} (looked for {', '.join(IMAGE_EXTS)}); add the images there")
     return pairs, bad
 
 
 def _scan_voc(root: Path) -> tuple[dict[str, list[tuple[str, str]]], list[dict]]:
     sets = root / "ImageSets" / "Segmentation"
     jpeg, segm = root / "JPEGImages", root / "SegmentationClass"
-    images = {p.stem: p for p in _files(jpeg)}
-    masks = {p.stem: p for p in _files(segm)}
-    lists = {s: sets / f"{s}.txt" for s in ("train", "val", "test")}
-    if not lists["train"].is_file() and (sets / "trainval.txt").is_file():  # train on all of it, seeded val split
-        lists["train"] = sets / "trainval.txt"
-        del lists["val"]
+    images = {p.stem: p for p in files_under(jpeg)}
+    masks = {p.stem: p for p in files_under(segm)}
+    lists = voc_split_lists(sets)
     if not lists["train"].is_file():
         raise DataError(f"{root} looks like Pascal VOC but has no {lists['train']}; add the list of training ids")
     splits: dict[str, list[tuple[str, str]]] = {}
@@ -710,7 +630,7 @@ def _scan_voc(root: Path) -> tuple[dict[str, list[tuple[str, str]]], list[dict]]
             continue
         ids = [ln.split()[0] for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if split == "test" and not any(i in masks for i in ids):
-            _note(f"{f} lists no image with a mask in {segm}; no test split")
+            note(f"{f} lists no image with a mask in {segm}; no test split")
             continue
         pairs = []
         for i in ids:
@@ -725,14 +645,9 @@ def _scan_voc(root: Path) -> tuple[dict[str, list[tuple[str, str]]], list[dict]]
 
 
 def _scan_csv(path: Path) -> tuple[dict[str, list[tuple[str, str]]], list[dict]]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [[c.strip() for c in r] for r in csv.reader(f)]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"cannot read CSV {path}: {e}; give a UTF-8 CSV with image,mask columns") from None
-    rows = [r for r in rows if any(r)]
+    rows = read_csv_rows(path, "image,mask")
     head = [c.lower() for c in rows[0]] if rows else []
-    ii = next((i for i, h in enumerate(head) if h in _CSV_IMAGE), None)
+    ii = next((i for i, h in enumerate(head) if h in CSV_IMAGE_COLUMNS), None)
     mi = head.index("mask") if "mask" in head else None
     if ii is None or mi is None:
         raise DataError(f"CSV {path} needs a header with image and mask columns (image,mask); got "
@@ -769,15 +684,6 @@ def _fingerprint_pairs(pairs: Sequence[tuple[str, str]], base: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _random_split(n: int, frac: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded hold-out of round(n * frac) indices (at least 1 when frac > 0 and n >= 2): sorted (keep, held)."""
-    if frac <= 0 or n < 2:
-        return list(range(n)), []
-    k = min(max(round(n * frac), 1), n - 1)
-    perm = np.random.default_rng(seed).permutation(n)
-    return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
-
-
 def _from_files(source: str, path: Path, val_split: float, seed: int, bad_images: str) -> SegBundle:
     found = _layout(path)
     if found is None:
@@ -798,7 +704,7 @@ def _from_files(source: str, path: Path, val_split: float, seed: int, bad_images
         dirs = _split_dirs(root) if kind == "splits" else {"train": root}
         splits = {}
         for split, d in dirs.items():  # type: ignore[union-attr]
-            pairs, b = _pair_folder(_find_sub(d, IMAGE_DIRS), _find_sub(d, MASK_DIRS))  # type: ignore[arg-type]
+            pairs, b = _pair_folder(find_sub(d, IMAGE_DIRS), find_sub(d, MASK_DIRS))  # type: ignore[arg-type]
             splits[split], bad = pairs, bad + b
         classes, palette = None, None
     if classes_file.is_file():
@@ -808,33 +714,22 @@ def _from_files(source: str, path: Path, val_split: float, seed: int, bad_images
     flat = [(s, p) for s, pairs in splits.items() for p in pairs]
     checked = validate_pairs([p for _, p in flat], palette, len(classes) if classes else None)
     bad += [c.bad for c in checked if c.bad is not None]
-    if bad and bad_images == "fail":
-        raise bad_files_error(bad, str(source))
+    fail_or_note_bad(bad, str(source), bad_images)
     kept = [(s, p, c) for (s, p), c in zip(flat, checked) if c.bad is None]
-    if bad:
-        first = f"{bad[0]['path']} ({bad[0]['reason']})"
-        _note(f"skipped {len(bad)} bad file{'s' if len(bad) != 1 else ''} in {source} (first: {first}); "
-              f"the bundle's bad_files lists {'them' if len(bad) != 1 else 'it'}")
     if classes is None:
         top = max((len(c.counts) - 1 for _, _, c in kept), default=-1)
         if top < 1:
             raise DataError(f"the masks in {source} hold no class id other than 0 (and 255 = ignore); if 255 marks "
                             f"the objects, save them as 1 -- segmentation needs at least 2 classes")
         classes = [f"class_{i}" for i in range(top + 1)]
-        _note(f"no classes.txt in {base}; the masks hold class ids 0..{top}, named class_0..class_{top} (add "
+        note(f"no classes.txt in {base}; the masks hold class ids 0..{top}, named class_0..class_{top} (add "
               f"{classes_file} with one name per line to name them)")
     per_split = {s: SegFiles([p for s2, p, _ in kept if s2 == s], classes, palette,
                              [c.counts for s2, _, c in kept if s2 == s]) for s in splits}
     if not len(per_split.get("train", [])):
         raise DataError(f"no usable training image/mask pairs in {source}; fix the files listed with "
                         f"--bad-images fail")
-    train, val = per_split["train"], per_split.get("val")
-    if val is None:
-        keep, held = _random_split(len(train), val_split, seed)
-        train, val = train.subset(keep), (train.subset(held) if held else None)
-    elif len(val) == 0:
-        val = None
-    test = per_split.get("test") or None
+    train, val, test = train_val_test(per_split, val_split, seed)
     fp = _fingerprint_pairs([p for _, p, _ in kept], base)
     display = [voc_colormap(len(classes))[i] for i in range(len(classes))]
     if palette is not None:
@@ -857,10 +752,7 @@ def build_seg_data(source: str | os.PathLike, *, val_split: float = 0.2, seed: i
         b = build_seg_data("seg-shapes")                          # train 2000 / val 300 / test 500, 64x64
         b = build_seg_data("VOCdevkit/VOC2012", bad_images="skip")
     """
-    if bad_images not in ("fail", "skip"):
-        raise DataError(f"bad_images must be fail or skip, got {bad_images!r}")
-    if not 0 <= val_split < 1:
-        raise DataError(f"val_split must be in [0, 1), got {val_split}")
+    check_build_options(bad_images, val_split)
     src = str(source)
     if src.lower() in SEG_BUILTINS and not any(ch in src for ch in "/\\"):
         return SEG_BUILTINS[src.lower()]()

@@ -20,9 +20,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from ...config import Config, ConfigError, resolve_config
 from ...core.runtime import resolve_device, run_autocast
-from ...data import DataError, load_rgb
+from ...data import DataError
 from ...engine.checkpoint import load_checkpoint
 from ...engine.loop import evaluate
+from ..base import output_files, read_images
 from .data import voc_colormap
 from .models import create_seg_model
 from .task import SegmentationTask, build_bundle, loader_for, model_kwargs, upsample_logits
@@ -184,26 +185,8 @@ class SegPredictor:
         """Per image: ``fractions`` (each class's share of its pixels) and, with ``out``, the index-PNG ``mask``
         (palette PNG: the ids are the pixel values) and a colour ``overlay``. Every image is read before anything is
         written, and no existing file is overwritten."""
-        images, bad = [], []
-        for p in paths:
-            try:
-                images.append(load_rgb(p))
-            except (OSError, ValueError, SyntaxError) as e:
-                why = "not found" if isinstance(e, FileNotFoundError) else (str(e).splitlines() or ["unreadable"])[0]
-                bad.append(f"{p} ({why[:120]})")
-        if bad:
-            raise DataError(f"{len(bad)} of {len(paths)} inputs cannot be read: " + "; ".join(bad[:5]))
-        targets = []
-        if out is not None:
-            out = Path(out)
-            stems = [Path(p).stem for p in paths]
-            if len(set(stems)) != len(stems):  # two inputs named a.jpg in different folders
-                stems = [f"{i:04d}_{s}" for i, s in enumerate(stems)]
-            targets = [(out / f"{s}_mask.png", out / f"{s}_overlay.jpg") for s in stems]
-            taken = [str(f) for pair in targets for f in pair if f.exists()]
-            if taken:
-                raise DataError(f"{taken[0]} already exists (and {len(taken) - 1} more); choose another --out")
-            out.mkdir(parents=True, exist_ok=True)
+        images = read_images(paths)
+        targets = output_files(out, paths, ("_mask.png", "_overlay.jpg")) if out is not None else []
         res = []
         flat_palette = [v for c in self.palette[:256] for v in c]
         for i, (p, im) in enumerate(zip(paths, images)):

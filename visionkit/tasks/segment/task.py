@@ -9,19 +9,16 @@ Example::
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ... import finetune as ft
-from ...config import Config, ConfigError
+from ...config import Config
 from ...engine import distributed
 from ...engine.distributed import Dist
-from ...engine.optim import build_scheduler
-from ..base import Setup, check_resume_classes, monitor_for, start_run
+from ..base import Setup, check_resume_classes, monitor_for, start_run, trains_everything
 from .data import SegBundle, build_seg_data, make_seg_loader
 from .losses import build_seg_loss
 from .metrics import SegMetrics
@@ -128,38 +125,12 @@ def setup(cfg: Config, ckpt: dict | None, dist: Dist | None = None, device: torc
     has_val = bundle.val is not None and len(bundle.val) > 0
     val_loader = loader_for(bundle.val, cfg, pre, device, False, dist=d) if has_val else None
     monitor_mode = monitor_for(task, cfg.train.monitor, cfg.train.monitor_mode, has_val)[1]
-
-    # fine-tuning: the encoder is the "body" of classification's layer groups, so partial / staged / gradual
-    # freezing and discriminative lrs apply to it; auto and none train everything at optim.lr
-    strategy = cfg.finetune.strategy
-    if strategy == "linear-probe":
-        raise ConfigError("finetune linear-probe is for classification (a head on frozen features); for "
-                          "segmentation use staged, partial, gradual, full or none")
-    quiet = cfg.train.quiet or not d.is_main
-    if ckpt is not None and ckpt.get("finetune"):
-        strategy = ckpt["finetune"]["strategy"]
-    if strategy not in ("full", "partial", "staged", "gradual"):
-        strategy = "none"
-    opt, callbacks = ft.optimizer_for(net, strategy, cfg.finetune, cfg.optim, quiet)
-    decision = ft.Decision(strategy, f"--finetune {cfg.finetune.strategy}" if strategy != "none"
-                           else "segmentation trains everything unless a strategy is asked for", len(bundle.train))
-    if not quiet and source:
-        print(f"finetune: {decision.reason}", file=sys.stderr)
-    epochs = cfg.train.epochs
-    steps_per_epoch = -(-len(train_loader) // cfg.train.grad_accum)
-    sched, per_step = build_scheduler(opt, cfg.sched, epochs, steps_per_epoch, cfg.optim.lr, monitor_mode)
-    ema = None
-    if cfg.train.ema:
-        from timm.utils import ModelEmaV3
-        ema = ModelEmaV3(net, decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
-    forward_model = torch.compile(net) if cfg.model.compile else None
-    distributed.seed_rank(cfg.train.seed, d)
+    parts = trains_everything(cfg, net, ckpt, d, len(bundle.train), train_loader, monitor_mode, "segmentation",
+                              announce=bool(source))
     return Setup(device=device, dtype=dtype, bundle=bundle, classes=classes, net=net, model_cfg=model_cfg, pre=pre,
-                 task=task, train_loader=train_loader, val_loader=val_loader, opt=opt, sched=sched, per_step=per_step,
-                 steps_per_epoch=steps_per_epoch, epochs=epochs, ema=ema, dist=d,
-                 loader_for=lambda ds: loader_for(ds, cfg, pre, device, False),
-                 forward_model=forward_model, callbacks=callbacks, decision=decision,
-                 meta={"finetune": decision.to_dict(), "palette": bundle.palette})
+                 task=task, train_loader=train_loader, val_loader=val_loader, dist=d,
+                 loader_for=lambda ds: loader_for(ds, cfg, pre, device, False), **parts,
+                 meta={"finetune": parts["decision"].to_dict(), "palette": bundle.palette})
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
