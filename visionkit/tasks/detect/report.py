@@ -107,7 +107,7 @@ class Predictions:
     checkpoint: Path
     split: str
     scores: dict  # the evaluator's full output on the split
-    images: list  # (F1, index, truth tile, detections tile) of up to MAX_SCORED images
+    images: list  # (F1, index, objects, truth tile, detections tile) of up to MAX_SCORED images
     classes: list[str]
 
 
@@ -166,8 +166,8 @@ def _predict_split(run: RunFiles, device, bundle=None) -> tuple[Predictions | No
             truth = {"boxes": torch.as_tensor(target["boxes"]).float(), "labels": target["labels"]}
             f1 = image_hits(d, truth, GALLERY_CONF)["f1"]
             images.append((f1, i, img, truth, shown))
-    tiles = [(f1, i, _tile(img, truth, m.classes, palette), _tile(img, shown, m.classes, palette))
-             for f1, i, img, truth, shown in images]
+    tiles = [(f1, i, len(truth["labels"]), _tile(img, truth, m.classes, palette),
+              _tile(img, shown, m.classes, palette)) for f1, i, img, truth, shown in images]
     return Predictions(Path(ckpt), split, scores, tiles, m.classes), ""
 
 
@@ -262,16 +262,20 @@ class DetReport:
     def gallery(self) -> H.Html:
         if self.pred is None:
             return H.note(f"Needs the model's predictions, which are not available: {self.why}.")
-        ims = sorted(self.pred.images, key=lambda t: (t[0], t[1]))
+        ims = self.pred.images
+        worst = sorted(ims, key=lambda t: (t[0], -t[2], t[1]))  # lowest F1 first; of equals, the most objects
+        best = sorted((t for t in ims if t[2]), key=lambda t: (-t[0], -t[2], t[1]))  # images with objects only
         k = min(self.max_gallery, len(ims) // 2)
         if not k:
             return H.note("Too few images to show.")
         out = [H.para(f"Each image's F1 at IoU 0.5 over detections scoring ≥ {GALLERY_CONF:g} (left: truth, right: "
-                      f"detections), of the first {len(ims)} images of the {self.pred.split} split.", "muted")]
-        for title, part in (("Worst", ims[:k]), ("Best", ims[-k:][::-1])):
+                      f"detections), of the first {len(ims)} images of the {self.pred.split} split; the best are "
+                      f"chosen among images with objects (an empty image with no detection is trivially right).",
+                      "muted")]
+        for title, part in (("Worst", worst[:k]), ("Best", best[:k])):
             out.append(H.tag("h3", title))
-            out.append(H.gallery([H.tile([(t, "truth"), (d, "detections")], f"#{i} · F1 {f1:.2f}")
-                                  for f1, i, t, d in part], pairs=True))
+            out.append(H.gallery([H.tile([(t, "truth"), (d, "detections")], f"#{i} · {n} object{'s' * (n != 1)} · F1 {f1:.2f}")
+                                  for f1, i, n, t, d in part], pairs=True))
         return H.join(out)
 
     def data(self) -> H.Html:
