@@ -274,7 +274,8 @@ class DetReport:
                       "muted")]
         for title, part in (("Worst", worst[:k]), ("Best", best[:k])):
             out.append(H.tag("h3", title))
-            out.append(H.gallery([H.tile([(t, "truth"), (d, "detections")], f"#{i} · {n} object{'s' * (n != 1)} · F1 {f1:.2f}")
+            out.append(H.gallery([H.tile([(t, "truth"), (d, "detections")],
+                                         f"#{i} · {n} object{'s' * (n != 1)} · F1 {f1:.2f}")
                                   for f1, i, n, t, d in part], pairs=True))
         return H.join(out)
 
