@@ -372,3 +372,17 @@ def test_datasets_subset_and_files(tmp_path):
     img, t = f[0]
     assert img.shape == (3, 32, 40) and t["difficult"].tolist() == [False] and f.sizes == [(32, 40)]
     assert len(f.subset([])) == 0
+
+
+def test_the_task_is_inferred_from_each_detection_layout(tmp_path):
+    """YOLO's labels/ and COCO's annotations/ beside images/ also read as mask folders to segmentation's check:
+    detection is asked first, and a segmentation tree with such folder names stays segmentation."""
+    from visionkit.tasks import infer_task
+    assert infer_task(str(_yolo(tmp_path / "yolo"))) == "detect"
+    assert infer_task(str(_coco(tmp_path / "coco", "train", ["a.png"], [(1, 3, [1, 1, 5, 5])]))) == "detect"
+    assert infer_task(str(_voc(tmp_path / "voc"))) == "detect"
+    assert infer_task(str(_csv(tmp_path / "csv", ["a.png,cat,1,2,10,12,train"]))) == "detect"
+    for masks in ("labels", "annotations"):
+        _img(tmp_path / f"seg_{masks}" / "images" / "a.png")
+        _img(tmp_path / f"seg_{masks}" / masks / "a.png")
+        assert infer_task(str(tmp_path / f"seg_{masks}")) == "segment", masks
