@@ -126,3 +126,37 @@ def trainer_worker(rank: int, world: int, port: int, out: str, accum: int) -> No
                 "model": digest(model.state_dict()), "ema": digest(ema.module.state_dict()),
                 "history": trainer.state.history}, os.path.join(out, f"rank{rank}.pt"))
     tdist.destroy_process_group()
+
+
+def det_batch(size: int = 64, n: int = 8):
+    """``n`` det-shapes images in [0, 1] and their targets (the same on every rank)."""
+    from visionkit.tasks.detect.data import make_det_shapes
+    x, targets = make_det_shapes(n, seed=1, size=size)
+    return x.float() / 255, targets
+
+
+def det_grads(model: nn.Module, x, targets) -> dict:
+    """Gradients of TinySSD's summed losses with BatchNorm frozen (its batch statistics are per rank by design)."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    model.zero_grad()
+    sum(model(x, targets).values()).backward()
+    return {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+
+
+def det_loss_worker(rank: int, world: int, port: int, out: str) -> None:
+    """This rank's half of a batch through TinySSD; gradients averaged over ranks as DDP does."""
+    from visionkit.tasks.detect.models import create_det_model
+    _open(rank, world, port)
+    torch.manual_seed(0)
+    model = create_det_model("tinyssd", 5, img_size=64)
+    x, targets = det_batch()
+    per = len(x) // world
+    grads = det_grads(model, x[rank * per:(rank + 1) * per], targets[rank * per:(rank + 1) * per])
+    for g in grads.values():
+        tdist.all_reduce(g)
+        g /= world
+    torch.save(grads, os.path.join(out, f"rank{rank}.pt"))
+    tdist.destroy_process_group()

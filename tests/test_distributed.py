@@ -357,3 +357,19 @@ def test_other_commands_refuse_to_run_under_torchrun(tmp_path, capsys, monkeypat
     monkeypatch.setenv("RANK", "1")  # rank 1 meets the same error silently: rank 0 reports it
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert _cli_error(capsys, "eval", str(tmp_path), "--data", "digits") == ""
+
+
+def test_detection_loss_gives_ddp_the_one_process_gradient(tmp_path):
+    """TinySSD divides its summed loss by the positive anchors averaged over ranks, so the gradient DDP averages over
+    2 ranks of 4 images is the gradient of one process on all 8 (BatchNorm frozen: its statistics are per rank)."""
+    from visionkit.tasks.detect.models import create_det_model
+    torch.manual_seed(0)
+    model = create_det_model("tinyssd", 5, img_size=64)
+    x, targets = ddp_workers.det_batch()
+    assert sum(len(t["labels"]) for t in targets[:4]) != sum(len(t["labels"]) for t in targets[4:])  # uneven ranks
+    single = ddp_workers.det_grads(model, x, targets)
+    _spawn(ddp_workers.det_loss_worker, 2, str(tmp_path))
+    for r in range(2):
+        grads = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        for k, g in single.items():
+            assert torch.allclose(grads[k], g, atol=1e-5, rtol=1e-4), k

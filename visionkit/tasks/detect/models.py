@@ -244,9 +244,23 @@ class TinySSD(Detector):
         hardness = ce.detach().masked_fill(pos, -math.inf)  # positives rank last among the negatives
         rank = hardness.argsort(1, descending=True).argsort(1)
         neg = rank < (self.neg_pos * n_pos.clamp(min=1)).unsqueeze(1)
-        total = n_pos.sum().clamp(min=1).float()
+        total = positives_per_rank(n_pos.sum()).clamp(min=1)
         return {"classification": ce[pos | neg].sum() / total,
                 "bbox_regression": F.smooth_l1_loss(off[pos], box_t[pos], reduction="sum") / total}
+
+
+def positives_per_rank(n: torch.Tensor) -> torch.Tensor:
+    """The positive anchors of this batch, as a float; under DDP the mean over the ranks (mmdetection's
+    ``reduce_mean(num_pos)``). A loss summed over this rank's anchors and divided by it makes DDP's gradient average
+    the gradient one process takes on the whole global batch; divided by the rank's own count it would weigh the
+    images of a rank with few objects more."""
+    n = n.detach().float()
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        n = n.clone()
+        torch.distributed.all_reduce(n)
+        n = n / torch.distributed.get_world_size()
+    return n
 
 
 # ------------------------------------------------------------------------------------------ torchvision wrapper
