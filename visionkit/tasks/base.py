@@ -217,3 +217,23 @@ def output_files(out, paths: list, suffixes: tuple[str, ...]) -> list[tuple]:
         raise DataError(f"{taken[0]} already exists (and {len(taken) - 1} more); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     return files
+
+
+def split_to_score(config, classes: list[str], build_bundle: Callable, data: str | None, split: str,
+                   batch_size: int | None) -> tuple:
+    """``(cfg, dataset)`` that ``eval`` scores a checkpoint on: the run's config with ``data`` (default: the run's
+    own source) rebuilt by the task's ``build_bundle`` with the run's hold-out seed and fraction; one DataError when
+    the data has other classes than the model or no such split."""
+    from ..config import resolve_config
+    from ..data import DataError
+    cfg = resolve_config(base=config.to_dict(), overrides={"data.source": data} if data else None)
+    if batch_size:
+        cfg.data.eval_batch_size = batch_size
+    bundle = build_bundle(cfg)
+    if list(bundle.classes) != list(classes):
+        raise DataError(f"{cfg.data.source} has classes {bundle.classes[:6]}, the model {list(classes)[:6]}: "
+                        f"not the data this model was trained for")
+    ds = bundle.splits().get(split)
+    if ds is None or not len(ds):
+        raise DataError(f"{cfg.data.source} has no {split} split; choose from {', '.join(bundle.splits())}")
+    return cfg, ds

@@ -22,10 +22,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from ...config import Config, ConfigError, resolve_config
 from ...core.runtime import resolve_device, run_autocast
-from ...data import DataError
 from ...engine.checkpoint import load_checkpoint
 from ...engine.loop import evaluate
-from ..base import output_files, read_images
+from ..base import output_files, read_images, split_to_score
 from .models import create_det_model
 from .task import DetectionTask, build_bundle, loader_for, merge, set_postprocess
 
@@ -107,16 +106,7 @@ def evaluate_checkpoints(checkpoints: list[str], data: str | None = None, split:
     members = [load_det_model(c, device) for c in _one(checkpoints)]
     _check(members, ensemble, tta)
     first = members[0]
-    cfg = resolve_config(base=first.config.to_dict(), overrides={"data.source": data} if data else None)
-    if batch_size:
-        cfg.data.eval_batch_size = batch_size
-    bundle = build_bundle(cfg)
-    if list(bundle.classes) != first.classes:
-        raise DataError(f"{cfg.data.source} has classes {bundle.classes[:6]}, the model {first.classes[:6]}: "
-                        f"not the data this model was trained for")
-    ds = bundle.splits().get(split)
-    if ds is None or not len(ds):
-        raise DataError(f"{cfg.data.source} has no {split} split; choose from {', '.join(bundle.splits())}")
+    cfg, ds = split_to_score(first.config, first.classes, build_bundle, data, split, batch_size)
     task = DetectionTask(len(first.classes), first.classes)
     loader = loader_for(ds, cfg, first.preprocess, first.device, False)
     try:

@@ -20,10 +20,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from ...config import Config, ConfigError, resolve_config
 from ...core.runtime import resolve_device, run_autocast
-from ...data import DataError
 from ...engine.checkpoint import load_checkpoint
 from ...engine.loop import evaluate
-from ..base import output_files, read_images
+from ..base import output_files, read_images, split_to_score
 from .data import voc_colormap
 from .models import create_seg_model
 from .task import SegmentationTask, build_bundle, loader_for, model_kwargs, upsample_logits
@@ -98,16 +97,7 @@ def evaluate_checkpoints(checkpoints: list[str], data: str | None = None, split:
     members = [load_seg_model(c, device) for c in _one(checkpoints)]
     _check_members(members)
     first = members[0]
-    cfg = resolve_config(base=first.config.to_dict(), overrides={"data.source": data} if data else None)
-    if batch_size:
-        cfg.data.eval_batch_size = batch_size
-    bundle = build_bundle(cfg)
-    if list(bundle.classes) != first.classes:
-        raise DataError(f"{cfg.data.source} has classes {bundle.classes[:6]}, the model {first.classes[:6]}: "
-                        f"not the data this model was trained for")
-    ds = bundle.splits().get(split)
-    if ds is None or not len(ds):
-        raise DataError(f"{cfg.data.source} has no {split} split; choose from {', '.join(bundle.splits())}")
+    cfg, ds = split_to_score(first.config, first.classes, build_bundle, data, split, batch_size)
     task, model, flip = _ensemble_task(members, tta)
     loader = loader_for(ds, cfg, first.preprocess, first.device, False)
     try:
