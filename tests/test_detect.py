@@ -233,3 +233,13 @@ def test_bad_inputs_are_one_line_and_leave_no_run_directory(det_csv, tmp_path, c
                  "--set", "train.report=false", *TINY]) == 0
     data = json.loads((out / "data.json").read_text())
     assert [b["path"] for b in data["bad_files"]] and "nope.png" in data["bad_files"][0]["path"]
+
+
+def test_the_detectors_loss_terms_are_columns_one_may_monitor():
+    from visionkit.tasks.base import monitor_for
+    from visionkit.tasks.detect.models import create_det_model
+    net = create_det_model("tinyssd", 2, img_size=64).train()
+    losses = net(torch.rand(2, 3, 64, 64), [_truth([[5, 5, 30, 30]], [1]), _truth([], [])])
+    assert sorted(losses) == sorted(net.loss_names)
+    task = DetectionTask(2, log_names=net.loss_names)
+    assert monitor_for(task, "train_classification", "min", has_val=True) == ("train_classification", "min")

@@ -181,6 +181,8 @@ class TinySSD(Detector):
         self.score_thresh, self.nms_thresh, self.max_det = (DEFAULTS[k] for k in DEFAULTS)
         self._anchor_cache: dict[tuple, torch.Tensor] = {}
 
+    loss_names = ("classification", "bbox_regression")  # the terms of compute_loss, logged as train_<name>
+
     def get_classifier(self) -> nn.Module:
         return self.head["cls"]
 
@@ -277,6 +279,16 @@ class TorchvisionDetector(Detector):
         self.set_size(img_size)
         for k, v in DEFAULTS.items():
             setattr(self, k, v)
+
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        """The terms torchvision's model returns in training (logged as train_<name>), by its family."""
+        from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+        from torchvision.models.detection.ssd import SSD
+        families = ((FasterRCNN, ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")),
+                    (FCOS, ("classification", "bbox_regression", "bbox_ctrness")),
+                    (RetinaNet, ("classification", "bbox_regression")), (SSD, ("bbox_regression", "classification")))
+        return next((names for cls, names in families if isinstance(self.net, cls)), ())
 
     def set_size(self, size: int) -> None:
         """Make the internal transform keep ``size x size`` inputs as they are."""

@@ -134,7 +134,7 @@ def setup(cfg: Config, ckpt: dict | None, dist: Dist | None = None, device: torc
         net.to(memory_format=torch.channels_last)
     distributed.broadcast_module(d, net)
 
-    task = DetectionTask(len(classes), classes, tuple(getattr(net, "loss_names", ())))
+    task = DetectionTask(len(classes), classes, tuple(net.loss_names))
     train_loader = loader_for(bundle.train, cfg, pre, device, True, dist=d)
     has_val = bundle.val is not None and len(bundle.val) > 0
     val_loader = loader_for(bundle.val, cfg, pre, device, False, dist=d) if has_val else None
@@ -144,8 +144,8 @@ def setup(cfg: Config, ckpt: dict | None, dist: Dist | None = None, device: torc
     return Setup(device=device, dtype=dtype, bundle=bundle, classes=classes, net=net, model_cfg=model_cfg, pre=pre,
                  task=task, train_loader=train_loader, val_loader=val_loader, dist=d,
                  loader_for=lambda ds: loader_for(ds, cfg, pre, device, False), **parts,
-                 meta={"finetune": parts["decision"].to_dict(), "palette": getattr(bundle, "palette", None),
-                       "category_ids": getattr(bundle, "category_ids", None)})
+                 meta={"finetune": parts["decision"].to_dict(), "palette": bundle.palette,
+                       "category_ids": bundle.category_ids})
 
 
 __all__ = ["DetectionTask", "build_bundle", "loader_for", "merge", "preprocess_for", "set_postprocess", "setup"]
